@@ -1,0 +1,37 @@
+{
+  "targets": [
+    {
+      "target_name": "vfio_user",
+      "conditions": [
+        ["OS=='linux'", {
+          "sources": [
+            "native/addon.cc",
+            "native/eventfd.cc",
+            "native/memfd.cc",
+            "native/mmap.cc",
+            "native/poller.cc",
+            "native/scm.cc",
+            "native/socket.cc"
+          ],
+          "include_dirs": [
+            "<!(node -p \"require('node-addon-api').include_dir\")"
+          ],
+          "defines": [
+            # Node-API 8: ArrayBuffer Detach (>= 7), type tags and Object.freeze (>= 8).
+            "NAPI_VERSION=8",
+            # Exception policy: no C++ exceptions. A failure sets a pending JS exception and the
+            # function returns at once (see native/errors.h); the build keeps -fno-exceptions.
+            "NAPI_DISABLE_CPP_EXCEPTIONS"
+          ],
+          "cflags": ["-Wall", "-Wextra", "-O2", "-fvisibility=hidden"],
+          "cflags_cc": ["-fvisibility-inlines-hidden"],
+          "cflags!": ["-O3"],
+          "cflags_cc!": ["-O3"]
+        }, {
+          # Not Linux: nothing to build. lib/native/binding.ts throws "unsupported platform".
+          "type": "none"
+        }]
+      ]
+    }
+  ]
+}

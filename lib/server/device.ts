@@ -1,0 +1,63 @@
+/**
+ * What a device model gives the server: the device-agnostic contract between
+ * {@link VfioUserServer} (which speaks the protocol) and a model (which never sees a socket, a
+ * message or an fd). `PciDevice` (lib/pci) implements it for PCI devices.
+ */
+import type { Fd } from '../native/fd';
+import type { DmaSpace } from './dma';
+import type { IrqIndexInfo, IrqTable } from './irq';
+import type { MigrationHooks } from './migration';
+
+/** 0 for success, or a positive errno the client gets in the error reply. */
+export type AccessResult = number | void;
+
+/** A region the client can access with REGION_READ / REGION_WRITE (and perhaps mmap). */
+export interface DeviceRegion {
+  /** Size in bytes; 0 = not implemented. */
+  readonly size: number;
+  /** {@link RegionInfoFlags} READ / WRITE (MMAP and CAPS are derived). */
+  readonly flags: number;
+  /**
+   * Serve a read of `dst.length` bytes at `offset` (already checked to lie inside the region).
+   * May return a promise; later commands wait for it (the protocol executes in order).
+   */
+  read?(offset: number, dst: Buffer): AccessResult | Promise<AccessResult>;
+  /** Serve a write of `src` at `offset` (checked to lie inside the region). */
+  write?(offset: number, src: Buffer): AccessResult | Promise<AccessResult>;
+  /** Shared memory the client may mmap: the file, where the region starts in it, and the areas. */
+  readonly mmap?: {
+    readonly fd: Fd;
+    readonly fileOffset: number;
+    readonly areas: readonly { readonly offset: number; readonly size: number }[];
+  };
+  /** Device-specific regions (index >= 9) carry a type capability. */
+  readonly type?: { readonly type: number; readonly subtype: number };
+}
+
+/** Handed to the device once: its view of the client's memory and interrupt routing. */
+export interface DeviceContext {
+  readonly dma: DmaSpace;
+  readonly irqs: IrqTable;
+}
+
+export interface VfioUserDevice {
+  /** {@link DeviceFlags}: PCI, plus RESET if {@link VfioUserDevice.reset} exists. */
+  readonly flags: number;
+  /** Region index -> region (null or size 0 = not implemented). Length = num_regions. */
+  readonly regions: readonly (DeviceRegion | null)[];
+  /** IRQ index -> vector count and flags. Length = num_irqs. */
+  readonly irqs: readonly IrqIndexInfo[];
+  /** Present if the device can migrate. */
+  readonly migration?: MigrationHooks;
+  /** Called once by the server that serves this device. */
+  attach(ctx: DeviceContext): void;
+  /** DEVICE_RESET (and, by default, a client disconnect). Resolve when the reset is complete. */
+  reset?(reason: ResetReason): void | Promise<void>;
+  /** The client changed IRQ routing for `index` (e.g. gave an MSI-X vector its eventfd). */
+  irqsChanged?(index: number): void;
+  /** The server is closing for good: release device resources. */
+  close?(): void | Promise<void>;
+}
+
+/** Why a device is reset. */
+export type ResetReason = 'client' | 'lost-connection';

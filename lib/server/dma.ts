@@ -1,0 +1,319 @@
+/**
+ * `DmaSpace`: the client's memory as the device sees it (reference §3.2, §3.3, §6.4).
+ *
+ * The client maps ranges of its DMA address space with DMA_MAP. Ranges that come with an fd are
+ * mmap'd here and handed to device code as zero-copy Buffer views; ranges without one are reached
+ * with DMA_READ/DMA_WRITE messages through a {@link DmaTransport}. Device I/O that outlives a
+ * synchronous turn holds a reference ({@link DmaSpace.acquire}); DMA_UNMAP first makes the range
+ * unreachable, then waits for those references, then detaches every view and munmaps. So no view
+ * and no pending fs operation can ever touch memory the client has taken back.
+ */
+import * as fs from 'node:fs';
+import { binding } from '../native/binding';
+import { Fd } from '../native/fd';
+import { Mapping } from '../native/mapping';
+import { DmaMapFlags, Errno } from '../protocol/constants';
+
+/** A device DMA that cannot be done: `errno` says why (ENOENT unmapped, EPERM permission...). */
+export class DmaError extends Error {
+  override readonly name = 'DmaError';
+  constructor(
+    readonly errno: number,
+    message: string,
+  ) {
+    super(message);
+  }
+}
+
+/** How DMA to ranges without an fd reaches the client (DMA_READ / DMA_WRITE messages). */
+export interface DmaTransport {
+  /** Largest transfer per message (the negotiated max_data_xfer_size). */
+  readonly maxTransfer: number;
+  read(iova: number, length: number): Promise<Buffer>;
+  write(iova: number, data: Uint8Array): Promise<void>;
+}
+
+export interface DmaRegion {
+  readonly iova: number;
+  readonly size: number;
+  /** {@link DmaMapFlags} READ / WRITE as the client granted. */
+  readonly flags: number;
+  /** The mmap of the client's fd, or null for a range reached by messages. */
+  readonly mapping: Mapping | null;
+  readonly fileOffset: bigint;
+  /** Identity of the backing file (st_dev:st_ino), to recognise an identical re-map. */
+  readonly fileId: string | null;
+}
+
+/** A referenced, zero-copy view of client memory. Call `release()` when the I/O is done. */
+export interface DmaBuffer {
+  readonly bytes: Buffer;
+  release(): void;
+}
+
+export interface DmaMapRequest {
+  iova: bigint;
+  size: bigint;
+  offset: bigint;
+  flags: number;
+}
+
+const PAGE = 4096;
+const MAX_IOVA = BigInt(Number.MAX_SAFE_INTEGER);
+const ACCEPTED_MAP_FLAGS = DmaMapFlags.READ | DmaMapFlags.WRITE | DmaMapFlags.MMAP;
+
+export class DmaSpace {
+  /** Sorted by iova, never overlapping. */
+  private regions: DmaRegion[] = [];
+  /** False while the device may not master the bus (PCI COMMAND.MASTER clear). */
+  enabled = true;
+  transport: DmaTransport | null = null;
+  private logPageSize = 0;
+  private readonly dirty = new Map<DmaRegion, Uint8Array>();
+
+  constructor(readonly maxMaps = 65535) {}
+
+  get count(): number {
+    return this.regions.length;
+  }
+
+  /** The current maps, in address order. */
+  list(): readonly DmaRegion[] {
+    return this.regions;
+  }
+
+  /**
+   * DMA_MAP. Takes ownership of `fd` (closed on every path: a mapping keeps the file alive by
+   * itself). Returns 0 or an errno: EINVAL for bad flags, alignment or a range past the file's end;
+   * EEXIST for an overlap (an identical re-map is accepted as a no-op); ENOSPC past the map limit.
+   */
+  add(req: DmaMapRequest, fd: Fd | null): number {
+    try {
+      return this.addOwned(req, fd);
+    } finally {
+      fd?.close();
+    }
+  }
+
+  private addOwned(req: DmaMapRequest, fd: Fd | null): number {
+    if ((req.flags & ~ACCEPTED_MAP_FLAGS) !== 0 || (req.flags & (DmaMapFlags.READ | DmaMapFlags.WRITE)) === 0) return Errno.EINVAL;
+    if ((req.flags & DmaMapFlags.MMAP) !== 0 && fd === null) return Errno.EINVAL;
+    if (req.size === 0n || req.iova + req.size > MAX_IOVA) return Errno.EINVAL;
+    const iova = Number(req.iova);
+    const size = Number(req.size);
+    if (iova % PAGE !== 0 || size % PAGE !== 0) return Errno.EINVAL;
+    const flags = req.flags & (DmaMapFlags.READ | DmaMapFlags.WRITE);
+
+    let fileId: string | null = null;
+    if (fd !== null) {
+      const st = fs.fstatSync(fd.value, { bigint: true });
+      fileId = `${st.dev}:${st.ino}`;
+    }
+    const at = this.lowerBound(iova);
+    const clash = [this.regions[at - 1], this.regions[at]].find((r) => r !== undefined && r.iova < iova + size && iova < r.iova + r.size);
+    if (clash !== undefined) {
+      const identical = clash.iova === iova && clash.size === size && clash.flags === flags && clash.fileId === fileId && (fd === null || clash.fileOffset === req.offset);
+      return identical ? 0 : Errno.EEXIST;
+    }
+    if (this.regions.length >= this.maxMaps) return Errno.ENOSPC;
+
+    let mapping: Mapping | null = null;
+    if (fd !== null) {
+      const prot = (flags & DmaMapFlags.READ ? binding.constants.PROT_READ : 0) | (flags & DmaMapFlags.WRITE ? binding.constants.PROT_WRITE : 0);
+      try {
+        mapping = Mapping.map(fd, req.offset, size, prot);
+      } catch {
+        // Past the end of the file, or a file that cannot be mapped with these permissions.
+        return Errno.EINVAL;
+      }
+    }
+    const region: DmaRegion = { iova, size, flags, mapping, fileOffset: fd === null ? 0n : req.offset, fileId };
+    this.regions.splice(at, 0, region);
+    if (this.logPageSize > 0) this.dirty.set(region, new Uint8Array(Math.ceil(size / this.logPageSize / 8)));
+    return 0;
+  }
+
+  /**
+   * DMA_UNMAP of exactly one existing range (ENOENT otherwise). The range is unreachable at once;
+   * the promise settles after in-flight references are released and the memory is unmapped.
+   */
+  async remove(iova: bigint, size: bigint): Promise<number> {
+    const i = this.regions.findIndex((r) => BigInt(r.iova) === iova && BigInt(r.size) === size);
+    if (i < 0) return Errno.ENOENT;
+    const [region] = this.regions.splice(i, 1);
+    this.dirty.delete(region!);
+    await region!.mapping?.unmap();
+    return 0;
+  }
+
+  /** Unmap everything (DMA_UNMAP ALL, or the client went away). */
+  async removeAll(): Promise<void> {
+    const all = this.regions;
+    this.regions = [];
+    this.dirty.clear();
+    await Promise.all(all.map((r) => r.mapping?.unmap()));
+  }
+
+  /** The region containing `iova`, or null. */
+  find(iova: number): DmaRegion | null {
+    const r = this.regions[this.lowerBound(iova + 1) - 1];
+    return r !== undefined && iova < r.iova + r.size ? r : null;
+  }
+
+  /**
+   * A zero-copy view of `[iova, iova + length)` for use *now* (no reference is held: do not keep
+   * it across an await). Throws {@link DmaError}: EPERM while bus mastering is off or for a
+   * permission the client did not grant, ENOENT outside every fd-backed range.
+   */
+  view(iova: number, length: number, write: boolean): Buffer {
+    const region = this.check(iova, length, write);
+    if (region.mapping === null) throw new DmaError(Errno.ENOENT, `DMA range 0x${iova.toString(16)}+${length} has no shared memory (message-only map)`);
+    if (write && this.logPageSize > 0) this.markDirty(region, iova, length);
+    const start = iova - region.iova;
+    return region.mapping.bytes.subarray(start, start + length);
+  }
+
+  /** Like {@link DmaSpace.view}, but holds the range mapped until `release()` (async device I/O). */
+  acquire(iova: number, length: number, write: boolean): DmaBuffer {
+    const bytes = this.view(iova, length, write);
+    const mapping = this.find(iova)!.mapping!.acquire();
+    let released = false;
+    return {
+      bytes,
+      release: () => {
+        if (released) return;
+        released = true;
+        mapping.release();
+      },
+    };
+  }
+
+  /** True if `[iova, iova + length)` is inside one fd-backed range (so {@link view} works). */
+  isShared(iova: number, length: number): boolean {
+    const r = this.find(iova);
+    return r !== null && r.mapping !== null && iova + length <= r.iova + r.size;
+  }
+
+  /** Copy client memory into `dst`, across ranges, by view or by DMA_READ messages. */
+  async read(iova: number, dst: Uint8Array): Promise<void> {
+    await this.copy(iova, dst, false);
+  }
+
+  /** Copy `src` into client memory, across ranges, by view or by DMA_WRITE messages. */
+  async write(iova: number, src: Uint8Array): Promise<void> {
+    await this.copy(iova, src, true);
+  }
+
+  private async copy(iova: number, buf: Uint8Array, write: boolean): Promise<void> {
+    let done = 0;
+    while (done < buf.length) {
+      const at = iova + done;
+      const region = this.check(at, 1, write);
+      const n = Math.min(buf.length - done, region.iova + region.size - at);
+      const part = buf.subarray(done, done + n);
+      if (region.mapping !== null) {
+        const view = this.view(at, n, write);
+        if (write) view.set(part);
+        else part.set(view);
+      } else {
+        await this.viaMessages(at, part, write);
+      }
+      done += n;
+    }
+  }
+
+  private async viaMessages(iova: number, part: Uint8Array, write: boolean): Promise<void> {
+    const t = this.transport;
+    if (t === null) throw new DmaError(Errno.ENOENT, 'no client connection for message-based DMA');
+    for (let off = 0; off < part.length; off += t.maxTransfer) {
+      const chunk = part.subarray(off, Math.min(part.length, off + t.maxTransfer));
+      if (write) await t.write(iova + off, chunk);
+      else {
+        const data = await t.read(iova + off, chunk.length);
+        if (data.length !== chunk.length) throw new DmaError(Errno.EIO, `DMA_READ returned ${data.length} of ${chunk.length} bytes`);
+        chunk.set(data);
+      }
+    }
+  }
+
+  private check(iova: number, length: number, write: boolean): DmaRegion {
+    if (!this.enabled) throw new DmaError(Errno.EPERM, 'DMA while bus mastering is disabled');
+    if (!Number.isSafeInteger(iova) || iova < 0 || !Number.isSafeInteger(length) || length < 0) {
+      throw new DmaError(Errno.EINVAL, `bad DMA range 0x${iova.toString(16)}+${length}`);
+    }
+    const region = this.find(iova);
+    if (region === null) throw new DmaError(Errno.ENOENT, `DMA address 0x${iova.toString(16)} is outside every map`);
+    if ((region.flags & (write ? DmaMapFlags.WRITE : DmaMapFlags.READ)) === 0) {
+      throw new DmaError(Errno.EPERM, `DMA ${write ? 'write to read-only' : 'read from write-only'} map at 0x${iova.toString(16)}`);
+    }
+    // Only copy() splits a transfer at map boundaries; a view must lie inside one map.
+    if (iova + length > region.iova + region.size) {
+      throw new DmaError(Errno.ENOENT, `DMA range 0x${iova.toString(16)}+${length} runs past the end of its map`);
+    }
+    return region;
+  }
+
+  /** Index of the first region whose iova is >= `iova`. */
+  private lowerBound(iova: number): number {
+    let lo = 0;
+    let hi = this.regions.length;
+    while (lo < hi) {
+      const mid = (lo + hi) >>> 1;
+      if (this.regions[mid]!.iova < iova) lo = mid + 1;
+      else hi = mid;
+    }
+    return lo;
+  }
+
+  // ---- dirty page logging (DEVICE_FEATURE DMA_LOGGING_*, reference §3.16, §5.5) ----
+
+  get logging(): boolean {
+    return this.logPageSize > 0;
+  }
+
+  /** Start logging pages the device writes through shared memory. Returns the page size used. */
+  startLogging(pageSize: number): number {
+    const size = Math.max(PAGE, 2 ** Math.ceil(Math.log2(Math.max(pageSize, 1))));
+    this.logPageSize = size;
+    this.dirty.clear();
+    for (const r of this.regions) this.dirty.set(r, new Uint8Array(Math.ceil(r.size / size / 8)));
+    return size;
+  }
+
+  stopLogging(): void {
+    this.logPageSize = 0;
+    this.dirty.clear();
+  }
+
+  /**
+   * Read and clear the dirty bitmap of `[iova, iova + length)`, which must be exactly one map,
+   * at `pageSize` granularity: u64 little-endian words, bit k = page k. Message-only maps report
+   * nothing dirty (their writes went through the client, which saw them).
+   */
+  report(iova: number, length: number, pageSize: number): Buffer | number {
+    if (!this.logging) return Errno.EINVAL;
+    const region = this.find(iova);
+    if (region === null || region.iova !== iova || region.size !== length) return Errno.EINVAL;
+    const pages = Math.ceil(length / pageSize);
+    const out = Buffer.alloc(Math.ceil(pages / 64) * 8);
+    const log = this.dirty.get(region);
+    if (log === undefined) return out;
+    const logPages = Math.ceil(length / this.logPageSize);
+    for (let p = 0; p < logPages; p++) {
+      if ((log[p >> 3]! & (1 << (p & 7))) === 0) continue;
+      const first = Math.floor((p * this.logPageSize) / pageSize);
+      const last = Math.floor((Math.min(length, (p + 1) * this.logPageSize) - 1) / pageSize);
+      for (let k = first; k <= last; k++) out[k >> 3] = out[k >> 3]! | (1 << (k & 7));
+    }
+    log.fill(0);
+    return out;
+  }
+
+  private markDirty(region: DmaRegion, iova: number, length: number): void {
+    const log = this.dirty.get(region);
+    if (log === undefined || length === 0) return;
+    const first = Math.floor((iova - region.iova) / this.logPageSize);
+    const last = Math.floor((iova - region.iova + length - 1) / this.logPageSize);
+    for (let p = first; p <= last; p++) log[p >> 3] = log[p >> 3]! | (1 << (p & 7));
+  }
+}

@@ -1,0 +1,5 @@
+export { VfioUserServer, type ServerOptions, type VfioUserServerEvents } from './server';
+export type { VfioUserDevice, DeviceRegion, DeviceContext, ResetReason, AccessResult } from './device';
+export { DmaSpace, DmaError, type DmaRegion, type DmaBuffer, type DmaTransport } from './dma';
+export { IrqTable, type IrqIndexInfo } from './irq';
+export { Migration, type MigrationHooks } from './migration';

@@ -1,0 +1,173 @@
+/**
+ * Interrupt delivery on the server side (reference §3.8, §6.6; peers.md §2).
+ *
+ * The client owns routing: it hands us one eventfd per vector with SET_IRQS, and our only way to
+ * interrupt is to signal that eventfd. This table keeps, per IRQ index, the trigger eventfds and
+ * the mask state the *client* controls (SET_IRQS MASK/UNMASK). Masks a device model controls
+ * itself (MSI-X table, MSI per-vector mask) live in the PCI layer, which calls {@link IrqTable.trigger}
+ * only for deliverable vectors. A vector masked here records a pending bit and fires on unmask.
+ */
+import { binding } from '../native/binding';
+import { Fd } from '../native/fd';
+import { Errno, IrqInfoFlags, IrqSetFlags, PciIrq } from '../protocol/constants';
+import type { SetIrqsRequest } from '../protocol/messages/irq';
+
+/** What the device declares per IRQ index. */
+export interface IrqIndexInfo {
+  /** Number of vectors (0 = index not supported). */
+  count: number;
+  /** {@link IrqInfoFlags}; EVENTFD is always reported for a non-empty index. */
+  flags?: number;
+}
+
+class IrqIndex {
+  readonly triggers: (Fd | null)[];
+  readonly unmaskFds: (Fd | null)[];
+  readonly maskFds: (Fd | null)[];
+  readonly masked: Uint8Array;
+  readonly pending: Uint8Array;
+
+  constructor(
+    readonly count: number,
+    readonly flags: number,
+  ) {
+    this.triggers = new Array<Fd | null>(count).fill(null);
+    this.unmaskFds = new Array<Fd | null>(count).fill(null);
+    this.maskFds = new Array<Fd | null>(count).fill(null);
+    this.masked = new Uint8Array(count);
+    this.pending = new Uint8Array(count);
+  }
+}
+
+/** Called after SET_IRQS changed an index (so the device can deliver pending work, e.g. MSI-X). */
+export type IrqChangeListener = (index: number) => void;
+
+export class IrqTable {
+  private readonly indexes: IrqIndex[];
+  /** Interrupts signalled, per index (for tests, stats and `vfio-user info`). */
+  readonly signalled: number[];
+  onChange: IrqChangeListener | null = null;
+
+  constructor(infos: readonly IrqIndexInfo[]) {
+    this.indexes = infos.map((i) => new IrqIndex(i.count, (i.flags ?? 0) | (i.count > 0 ? IrqInfoFlags.EVENTFD : 0)));
+    this.signalled = infos.map(() => 0);
+  }
+
+  get numIrqs(): number {
+    return this.indexes.length;
+  }
+
+  info(index: number): { count: number; flags: number } | null {
+    const irq = this.indexes[index];
+    return irq === undefined ? null : { count: irq.count, flags: irq.flags };
+  }
+
+  /** True if the client gave vector `vector` of `index` an eventfd. */
+  hasEventfd(index: number, vector: number): boolean {
+    return this.indexes[index]?.triggers[vector] != null;
+  }
+
+  /** Number of vectors of `index` that have an eventfd. */
+  eventfdCount(index: number): number {
+    const irq = this.indexes[index];
+    return irq === undefined ? 0 : irq.triggers.reduce((n, fd) => n + (fd === null ? 0 : 1), 0);
+  }
+
+  /**
+   * Raise vector `vector` of `index`: signal its eventfd, or, while the client has it masked,
+   * remember it as pending. Returns true if an eventfd was signalled. A vector without an
+   * eventfd drops the signal (nobody listens), as libvfio-user does.
+   */
+  trigger(index: number, vector: number): boolean {
+    const irq = this.indexes[index];
+    if (irq === undefined || vector >= irq.count) return false;
+    if (irq.masked[vector] !== 0) {
+      irq.pending[vector] = 1;
+      return false;
+    }
+    const fd = irq.triggers[vector];
+    if (fd == null) return false;
+    binding.eventfdSignal(fd.value);
+    this.signalled[index]!++;
+    return true;
+  }
+
+  /**
+   * Apply a decoded SET_IRQS request with the fds that came with it. Takes ownership of `fds`
+   * (they are kept or closed here, on every path). Returns 0 or an errno.
+   */
+  set(req: SetIrqsRequest, fds: Fd[]): number {
+    const irq = this.indexes[req.index];
+    const errno = this.validate(irq, req, fds.length);
+    if (errno !== 0 || irq === undefined) {
+      Fd.closeAll(fds);
+      return errno || Errno.EINVAL;
+    }
+    const data = req.flags & IrqSetFlags.DATA_TYPE_MASK;
+    const action = req.flags & IrqSetFlags.ACTION_TYPE_MASK;
+    const { start, count } = req;
+
+    if (data === IrqSetFlags.DATA_EVENTFD) {
+      const table = action === IrqSetFlags.ACTION_TRIGGER ? irq.triggers : action === IrqSetFlags.ACTION_MASK ? irq.maskFds : irq.unmaskFds;
+      // Zero fds de-assigns the range (reference §3.8).
+      for (let i = 0; i < count; i++) replace(table, start + i, fds.length === 0 ? null : fds[i]!);
+    } else if (action === IrqSetFlags.ACTION_TRIGGER) {
+      if (data === IrqSetFlags.DATA_NONE && count === 0) {
+        this.disable(irq);
+      } else {
+        for (let i = 0; i < count; i++) if (data === IrqSetFlags.DATA_NONE || req.data![i] !== 0) this.trigger(req.index, start + i);
+      }
+    } else {
+      const mask = action === IrqSetFlags.ACTION_MASK;
+      for (let i = 0; i < count; i++) {
+        if (data === IrqSetFlags.DATA_BOOL && req.data![i] === 0) continue;
+        this.setMasked(req.index, start + i, mask);
+      }
+    }
+    this.onChange?.(req.index);
+    return 0;
+  }
+
+  /** Mask or unmask a vector as the client asked; unmasking delivers what became pending. */
+  setMasked(index: number, vector: number, masked: boolean): void {
+    const irq = this.indexes[index]!;
+    irq.masked[vector] = masked ? 1 : 0;
+    const notify = masked ? irq.maskFds[vector] : irq.unmaskFds[vector];
+    if (notify != null) binding.eventfdSignal(notify.value);
+    if (!masked && irq.pending[vector] !== 0) {
+      irq.pending[vector] = 0;
+      this.trigger(index, vector);
+    }
+  }
+
+  /** Close every eventfd the client gave us (disconnect); masks and pending bits are cleared. */
+  clear(): void {
+    for (const irq of this.indexes) this.disable(irq);
+  }
+
+  private disable(irq: IrqIndex): void {
+    for (const table of [irq.triggers, irq.maskFds, irq.unmaskFds]) for (let i = 0; i < table.length; i++) replace(table, i, null);
+    irq.masked.fill(0);
+    irq.pending.fill(0);
+  }
+
+  private validate(irq: IrqIndex | undefined, req: SetIrqsRequest, fdCount: number): number {
+    if (irq === undefined) return Errno.EINVAL;
+    const data = req.flags & IrqSetFlags.DATA_TYPE_MASK;
+    const action = req.flags & IrqSetFlags.ACTION_TYPE_MASK;
+    // count 0 is only meaningful as "disable everything" (NONE|TRIGGER).
+    if (req.count === 0) return data === IrqSetFlags.DATA_NONE && action === IrqSetFlags.ACTION_TRIGGER && fdCount === 0 ? 0 : Errno.EINVAL;
+    if (req.start >= irq.count || req.count > irq.count - req.start) return Errno.EINVAL;
+    if (data === IrqSetFlags.DATA_EVENTFD) return fdCount === 0 || fdCount === req.count ? 0 : Errno.EINVAL;
+    if (fdCount !== 0) return Errno.EINVAL;
+    // ERR and REQ can only be triggered (reference §4.4).
+    if ((req.index === PciIrq.ERR || req.index === PciIrq.REQ) && action !== IrqSetFlags.ACTION_TRIGGER) return Errno.EINVAL;
+    return 0;
+  }
+}
+
+function replace(table: (Fd | null)[], i: number, fd: Fd | null): void {
+  const old = table[i];
+  if (old != null && old !== fd) old.close();
+  table[i] = fd;
+}

@@ -1,0 +1,233 @@
+/**
+ * `VfioUserServer`: serves one device on a UNIX socket path, one client at a time
+ * (reference §1.2, §6.1, §6.3).
+ *
+ * The socket file is created with mode 0600 unless told otherwise, is never taken over from a live
+ * server, and is removed on close. A second client while one is connected gets an EBUSY error
+ * reply to its VERSION and is disconnected; the first is unaffected. When a client goes away its
+ * DMA maps and IRQ eventfds are dropped, the device is told ('lost-connection' reset), and the
+ * next client is served.
+ */
+import { EventEmitter } from 'node:events';
+import * as fs from 'node:fs';
+import * as os from 'node:os';
+import { debuglog } from 'node:util';
+import { binding } from '../native/binding';
+import { Fd } from '../native/fd';
+import { Defaults, Errno } from '../protocol/constants';
+import type { CapabilitiesInput } from '../protocol/capabilities';
+import { Connection } from '../transport/connection';
+import type { ResetReason, VfioUserDevice } from './device';
+import { DmaSpace } from './dma';
+import { IrqTable } from './irq';
+import { Migration } from './migration';
+import { Session, type ServerCore } from './session';
+
+const debug = debuglog('vfio-user:server');
+
+export interface ServerOptions {
+  /** Mode of the socket file (default 0o600: only this user may connect). */
+  mode?: number;
+  /** Most fds accepted per message, announced as max_msg_fds (default 16, QEMU's ceiling). */
+  maxMsgFds?: number;
+  /** Largest data transfer accepted, announced as max_data_xfer_size (default 1 MiB). */
+  maxDataXferSize?: number;
+  /** Most simultaneous DMA maps, announced as max_dma_maps (default 65535). */
+  maxDmaMaps?: number;
+  /** Accept REGION_WRITE_MULTI (announced as write_multiple; default true). */
+  writeMultiple?: boolean;
+  /** Reply timeout for our own DMA_READ/DMA_WRITE requests to the client (default 5000 ms). */
+  requestTimeoutMs?: number;
+}
+
+export interface VfioUserServerEvents {
+  /** A client connected (before VERSION). */
+  connect: [];
+  /** The client went away and its state was dropped; `error` is null for a clean hang-up. */
+  disconnect: [error: Error | null];
+  /** A second client was turned away. */
+  reject: [];
+  /** A device model threw; the client got EINVAL and the server goes on. */
+  error: [error: unknown];
+}
+
+export class VfioUserServer extends EventEmitter implements ServerCore {
+  readonly dma: DmaSpace;
+  readonly irqs: IrqTable;
+  readonly migration: Migration | null;
+  readonly writeMultiple: boolean;
+  private listenFd: Fd | null;
+  private readonly poller: InstanceType<typeof binding.Poller>;
+  private session: Session | null = null;
+  /** Settles when the last client's state has been dropped. */
+  private cleanup: Promise<void> = Promise.resolve();
+  private waiting: Fd[] = [];
+  private closing: Promise<void> | null = null;
+
+  private constructor(
+    readonly path: string,
+    readonly device: VfioUserDevice,
+    listenFd: Fd,
+    private readonly options: ServerOptions,
+  ) {
+    super();
+    this.listenFd = listenFd;
+    this.writeMultiple = options.writeMultiple ?? true;
+    this.dma = new DmaSpace(options.maxDmaMaps ?? Defaults.MAX_DMA_MAPS);
+    this.irqs = new IrqTable(device.irqs);
+    this.irqs.onChange = (index) => device.irqsChanged?.(index);
+    this.migration = device.migration ? new Migration(device.migration) : null;
+    device.attach({ dma: this.dma, irqs: this.irqs });
+    this.poller = new binding.Poller(listenFd.value, () => this.acceptAll());
+    this.poller.start(binding.pollEvents.READABLE);
+  }
+
+  /**
+   * Listen on `path` and serve `device`. Refuses (EADDRINUSE) to replace a socket a live server
+   * is listening on, or anything that is not a socket; a stale socket file is replaced.
+   */
+  static async listen(path: string, device: VfioUserDevice, options: ServerOptions = {}): Promise<VfioUserServer> {
+    removeStaleSocket(path);
+    const fd = new Fd(binding.unixListen(path, 8));
+    try {
+      fs.chmodSync(path, options.mode ?? 0o600);
+    } catch (err) {
+      fd.close();
+      throw err;
+    }
+    return new VfioUserServer(path, device, fd, options);
+  }
+
+  /** True while a client is connected. */
+  get connected(): boolean {
+    return this.session !== null;
+  }
+
+  /** The negotiated parameters of the current client, once VERSION is done. */
+  get negotiated() {
+    return this.session?.negotiated ?? null;
+  }
+
+  capabilities(): CapabilitiesInput {
+    return {
+      maxMsgFds: this.options.maxMsgFds ?? 16,
+      maxDataXferSize: this.options.maxDataXferSize ?? Defaults.MAX_DATA_XFER_SIZE,
+      pgsizes: BigInt(Defaults.PGSIZES),
+      maxDmaMaps: this.dma.maxMaps,
+      writeMultiple: this.writeMultiple,
+      migration: this.migration ? { pgsize: binding.constants.PAGE_SIZE } : undefined,
+    };
+  }
+
+  async resetDevice(reason: ResetReason): Promise<void> {
+    await this.device.reset?.(reason);
+    this.migration?.onReset();
+  }
+
+  /** Stop listening, disconnect the client, drop its state, remove the socket file. */
+  close(): Promise<void> {
+    this.closing ??= (async () => {
+      this.poller.close();
+      this.listenFd?.close();
+      this.listenFd = null;
+      try {
+        fs.unlinkSync(this.path);
+      } catch {
+        // already gone
+      }
+      Fd.closeAll(this.waiting.splice(0));
+      this.session?.conn.close();
+      await this.cleanup;
+      await this.device.close?.();
+    })();
+    return this.closing;
+  }
+
+  private acceptAll(): void {
+    while (this.listenFd !== null) {
+      let raw: number;
+      try {
+        raw = binding.unixAccept(this.listenFd.value);
+      } catch (err) {
+        debug('accept failed: %s', (err as Error).message);
+        return;
+      }
+      if (raw < 0) return;
+      const fd = new Fd(raw);
+      if (this.session === null && this.waiting.length === 0) this.startSession(fd);
+      else if (this.session !== null && this.session.conn.state === 'open') this.turnAway(fd);
+      else this.waiting.push(fd); // the previous client's state is still being dropped
+    }
+  }
+
+  private startSession(fd: Fd): void {
+    const conn = new Connection(fd, {
+      name: 'client',
+      maxRecvFds: this.options.maxMsgFds ?? 16,
+      requestTimeoutMs: this.options.requestTimeoutMs ?? 5000,
+      firstMsgId: 1,
+    });
+    const session = new Session(conn, this);
+    this.session = session;
+    this.dma.transport = session.transport;
+    conn.on('close', (err: Error | null) => this.endSession(session, err));
+    this.emit('connect');
+  }
+
+  /** One client at a time: answer the newcomer's first message with EBUSY, then hang up. */
+  private turnAway(fd: Fd): void {
+    const conn = new Connection(fd, { name: 'rejected' });
+    const timer = setTimeout(() => conn.close(), 2000);
+    timer.unref();
+    conn.onRequest = (msg, c) => {
+      c.replyError(msg, Errno.EBUSY);
+      setImmediate(() => c.close());
+    };
+    conn.on('close', () => clearTimeout(timer));
+    this.emit('reject');
+  }
+
+  private endSession(session: Session, error: Error | null): void {
+    session.close();
+    this.cleanup = (async () => {
+      this.irqs.clear();
+      this.dma.transport = null;
+      try {
+        // The device stops its I/O first, so the unmaps below need not wait on it.
+        await this.resetDevice('lost-connection');
+      } catch (err) {
+        this.emit('error', err);
+      }
+      await this.dma.removeAll();
+      this.dma.stopLogging();
+      this.session = null;
+      this.emit('disconnect', error);
+      const next = this.waiting.shift();
+      if (next !== undefined && this.closing === null) this.startSession(next);
+    })();
+  }
+}
+
+/** Remove a socket file nobody listens on; refuse to touch a live socket or a non-socket. */
+function removeStaleSocket(path: string): void {
+  let st: fs.Stats;
+  try {
+    st = fs.lstatSync(path);
+  } catch {
+    return;
+  }
+  const inUse = (why: string) => Object.assign(new Error(`${path}: ${why}`), { code: 'EADDRINUSE', errno: os.constants.errno.EADDRINUSE, syscall: 'bind' });
+  if (!st.isSocket()) throw inUse('exists and is not a socket; refusing to replace it');
+  let probe: number;
+  try {
+    probe = binding.unixConnect(path);
+  } catch (err) {
+    if ((err as NodeJS.ErrnoException).code === 'ECONNREFUSED') {
+      fs.unlinkSync(path);
+      return;
+    }
+    throw err;
+  }
+  new Fd(probe).close();
+  throw inUse('a live server is listening on it');
+}

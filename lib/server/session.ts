@@ -1,0 +1,478 @@
+/**
+ * One client's session with the server: version negotiation, then every command dispatched through
+ * one table, strictly in arrival order (reference §1.8, §6.2), with replies built in one place
+ * ({@link Session.finish}). Handlers return a result or an errno and never throw into the loop.
+ */
+import { debuglog } from 'node:util';
+import type { EventEmitter } from 'node:events';
+import { Command, DeviceFeature, DmaUnmapFlags, Errno, ProtocolVersion, RegionInfoFlags } from '../protocol/constants';
+import { ProtocolError } from '../protocol/errors';
+import { negotiate, type Negotiated } from '../protocol/capabilities';
+import { decodeVersionRequest, encodeVersionReply, type VersionInit } from '../protocol/messages/version';
+import { decodeDmaMapRequest, decodeDmaUnmapRequest, encodeDmaUnmapReply } from '../protocol/messages/dma';
+import { decodeDeviceInfoRequest, encodeDeviceInfoReply } from '../protocol/messages/device';
+import {
+  decodeRegionInfoRequest,
+  decodeRegionIoFdsRequest,
+  encodeRegionInfoReply,
+  encodeRegionIoFdsReply,
+  sparseMmapCap,
+  typeCap,
+  type RegionCapability,
+} from '../protocol/messages/region';
+import { decodeIrqInfoRequest, decodeSetIrqsRequest, encodeIrqInfoReply } from '../protocol/messages/irq';
+import {
+  decodeDmaReadReply,
+  decodeDmaWriteReply,
+  decodeRegionWriteMultiRequest,
+  encodeDmaReadRequest,
+  encodeDmaWriteRequest,
+  encodeRegionWriteMultiReply,
+} from '../protocol/messages/access';
+import { decodeDeviceResetRequest } from '../protocol/messages/reset';
+import {
+  decodeDeviceFeatureRequest,
+  decodeDmaLoggingControl,
+  decodeDmaLoggingReportRequest,
+  decodeMigDeviceState,
+  encodeDeviceFeatureReply,
+  encodeDmaLoggingControl,
+  encodeMigDeviceState,
+  encodeMigrationFeatureData,
+  featureIndex,
+} from '../protocol/messages/feature';
+import { decodeMigDataReadRequest, decodeMigDataWriteRequest, encodeMigDataReadReply } from '../protocol/messages/migration';
+import type { Body, Connection, IncomingMessage } from '../transport/connection';
+import { DmaError, type DmaSpace, type DmaTransport } from './dma';
+import type { DeviceRegion, ResetReason, VfioUserDevice } from './device';
+import type { IrqTable } from './irq';
+import type { Migration } from './migration';
+import type { CapabilitiesInput } from '../protocol/capabilities';
+
+/** What a session needs of the server that owns it. */
+export interface ServerCore extends EventEmitter {
+  readonly device: VfioUserDevice;
+  readonly dma: DmaSpace;
+  readonly irqs: IrqTable;
+  readonly migration: Migration | null;
+  readonly writeMultiple: boolean;
+  /** The capabilities this server announces in VERSION. */
+  capabilities(): CapabilitiesInput;
+  resetDevice(reason: ResetReason): Promise<void>;
+}
+
+const debug = debuglog('vfio-user:server');
+
+/** What a handler produces: an errno (0 = empty success), a body, or a body with fds. */
+export type HandlerResult = number | Body | { body: Body; fds: readonly number[] };
+type Handler = (s: Session, msg: IncomingMessage) => HandlerResult | Promise<HandlerResult>;
+
+const REGION_ACCESS = 16;
+/** Largest fixed part of any request (a REGION_WRITE's 16 bytes); above data + this: refuse. */
+const MAX_FIXED = 64;
+
+export class Session {
+  negotiated: Negotiated | null = null;
+  /** Commands wait here while an earlier one is still running (in-order execution). */
+  private readonly queue: IncomingMessage[] = [];
+  private busy = false;
+  private closed = false;
+  /** Reused reply parts for region reads: [echo, data view]. */
+  private readonly echo = Buffer.alloc(REGION_ACCESS);
+  private readonly readBody: Buffer[] = [this.echo, this.echo];
+  private readBuf = Buffer.alloc(4096);
+  /** Cached views of readBuf for small counts (register accesses), so they allocate nothing. */
+  private smallViews: Buffer[] = [];
+
+  constructor(
+    readonly conn: Connection,
+    readonly core: ServerCore,
+  ) {
+    this.refreshViews();
+    conn.onRequest = (msg) => this.onRequest(msg);
+  }
+
+  get device(): VfioUserDevice {
+    return this.core.device;
+  }
+
+  /** DMA to message-only maps, through this client's connection. */
+  readonly transport: DmaTransport & { maxTransfer: number } = {
+    maxTransfer: 1024 * 1024,
+    read: async (iova, length) => {
+      const reply = await this.conn.request(Command.DMA_READ, encodeDmaReadRequest({ address: BigInt(iova), count: length }));
+      const r = decodeDmaReadReply(reply.payload);
+      if (r.address !== BigInt(iova) || r.data === null || r.data.length !== length) throw new DmaError(Errno.EIO, 'DMA_READ reply does not match the request');
+      return Buffer.from(r.data);
+    },
+    write: async (iova, data) => {
+      const reply = await this.conn.request(Command.DMA_WRITE, encodeDmaWriteRequest({ address: BigInt(iova), data }));
+      decodeDmaWriteReply(reply.payload);
+    },
+  };
+
+  close(): void {
+    this.closed = true;
+    for (const m of this.queue.splice(0)) m.closeFds();
+  }
+
+  private onRequest(msg: IncomingMessage): void {
+    if (this.busy || this.queue.length > 0) {
+      this.queue.push(msg.detach());
+      return;
+    }
+    this.run(msg);
+  }
+
+  private run(msg: IncomingMessage): void {
+    let result: HandlerResult | Promise<HandlerResult>;
+    try {
+      result = this.dispatch(msg);
+    } catch (err) {
+      result = this.errnoOf(err, msg);
+    }
+    if (!(result instanceof Promise)) {
+      this.finish(msg, result);
+      return;
+    }
+    // Later commands wait until this one completes; the reply needs the message's identity only.
+    const kept = msg.detach();
+    kept.closeFds();
+    this.busy = true;
+    result
+      .catch((err: unknown) => this.errnoOf(err, kept))
+      .then((r) => {
+        if (!this.closed) this.finish(kept, r);
+        this.busy = false;
+        this.drain();
+      })
+      .catch((err: unknown) => this.conn.close(err as Error));
+  }
+
+  private drain(): void {
+    while (!this.busy && !this.closed && this.queue.length > 0) {
+      const next = this.queue.shift()!;
+      this.run(next);
+      next.closeFds();
+    }
+  }
+
+  /** The single place replies are built. */
+  private finish(msg: IncomingMessage, result: HandlerResult): void {
+    if (msg.replied || this.conn.state !== 'open') return;
+    if (typeof result === 'number') {
+      if (result === 0) this.conn.reply(msg);
+      else this.conn.replyError(msg, result);
+    } else if (result === null || result === undefined || result instanceof Uint8Array || Array.isArray(result)) {
+      this.conn.reply(msg, result as Body);
+    } else {
+      const r = result as { body: Body; fds: readonly number[] };
+      this.conn.reply(msg, r.body, r.fds);
+    }
+    if (this.negotiated === null && msg.command === Command.VERSION && result !== 0 && typeof result === 'number') {
+      this.conn.close(new ProtocolError('VERSION negotiation failed'));
+    }
+  }
+
+  private errnoOf(err: unknown, msg: IncomingMessage): number {
+    if (err instanceof ProtocolError) {
+      debug('command %d: %s', msg.command, err.message);
+      if (err.fatal) this.conn.close(err);
+      return err.errno;
+    }
+    if (err instanceof DmaError) return err.errno;
+    // A bug in a device model: the client gets EINVAL and the server goes on.
+    debug('command %d failed: %s', msg.command, (err as Error)?.stack ?? String(err));
+    this.core.emit('error', err);
+    return Errno.EINVAL;
+  }
+
+  private dispatch(msg: IncomingMessage): HandlerResult | Promise<HandlerResult> {
+    if (this.negotiated === null) {
+      if (msg.command !== Command.VERSION) {
+        debug('command %d before VERSION: closing', msg.command);
+        this.conn.replyError(msg, Errno.EINVAL);
+        this.conn.close(new ProtocolError(`command ${msg.command} before VERSION`));
+        return Errno.EINVAL;
+      }
+      return this.version(msg);
+    }
+    const handler = HANDLERS[msg.command];
+    if (handler === undefined) return Errno.EINVAL;
+    if (msg.payloadLength > this.negotiatedXfer + MAX_FIXED && msg.command !== Command.REGION_WRITE_MULTI && msg.command !== Command.MIG_DATA_WRITE) {
+      return Errno.EINVAL;
+    }
+    return handler(this, msg);
+  }
+
+  get negotiatedXfer(): number {
+    return this.negotiated?.maxDataXferSize ?? 1024 * 1024;
+  }
+
+  // ---- VERSION ----
+
+  private version(msg: IncomingMessage): HandlerResult {
+    if (msg.fdCount !== 0) throw new ProtocolError('VERSION must carry no fds');
+    const peer = decodeVersionRequest(msg.payload);
+    const caps = this.core.capabilities();
+    const local = { major: ProtocolVersion.MAJOR, minor: ProtocolVersion.MINOR, capabilities: { ...defaultsFor(caps) } };
+    this.negotiated = negotiate({ role: 'server', local, peer: { major: peer.major, minor: peer.minor, capabilities: peer.capabilities } });
+    const n = this.negotiated;
+    this.conn.maxSendFds = n.maxSendFds;
+    this.transport.maxTransfer = n.maxDataXferSize;
+    this.conn.maxMessageSize = n.maxDataXferSize + 4096;
+    // The reply may not be longer than the request (QEMU sizes its buffer by its request):
+    // announce the most important capabilities that fit.
+    const budget = msg.payloadLength;
+    let reply = encodeVersionReply({ major: 0, minor: n.minor, capabilities: caps });
+    const order: (keyof typeof caps)[] = ['migration', 'maxDmaMaps', 'pgsizes', 'writeMultiple', 'maxDataXferSize'];
+    const trimmed: VersionInit['capabilities'] = { ...caps };
+    for (const key of order) {
+      if (reply.length <= budget) break;
+      delete trimmed[key];
+      reply = encodeVersionReply({ major: 0, minor: n.minor, capabilities: trimmed });
+    }
+    if (reply.length > budget) reply = encodeVersionReply({ major: 0, minor: n.minor, document: budget >= 7 ? {} : null });
+    debug('negotiated 0.%d: %o', n.minor, n);
+    return reply;
+  }
+
+  // ---- region access (the hot path: no decoding objects, fixed-offset reads) ----
+
+  /** Validated region and offset of a REGION_READ/WRITE, or an errno. */
+  regionFor(msg: IncomingMessage, write: boolean): DeviceRegion | number {
+    if (msg.payloadLength < REGION_ACCESS) return Errno.EINVAL;
+    const d = msg.data;
+    const p = msg.payloadOffset;
+    const hi = d.readUInt32LE(p + 4);
+    const offset = d.readUInt32LE(p) + hi * 0x1_0000_0000;
+    const index = d.readUInt32LE(p + 8);
+    const count = d.readUInt32LE(p + 12);
+    const region = this.device.regions[index];
+    if (region == null || region.size === 0 || hi >= 0x20_0000) return Errno.EINVAL;
+    if (count > this.negotiatedXfer || offset + count > region.size) return Errno.EINVAL;
+    if ((region.flags & (write ? RegionInfoFlags.WRITE : RegionInfoFlags.READ)) === 0) return Errno.EINVAL;
+    if (write ? msg.payloadLength !== REGION_ACCESS + count : msg.payloadLength !== REGION_ACCESS) return Errno.EINVAL;
+    this.accessOffset = offset;
+    this.accessCount = count;
+    return region;
+  }
+
+  accessOffset = 0;
+  accessCount = 0;
+
+  regionRead(msg: IncomingMessage): HandlerResult | Promise<HandlerResult> {
+    const region = this.regionFor(msg, false);
+    if (typeof region === 'number') return region;
+    const count = this.accessCount;
+    msg.data.copy(this.echo, 0, msg.payloadOffset, msg.payloadOffset + REGION_ACCESS);
+    if (region.read === undefined) return Errno.EINVAL;
+    if (count > this.readBuf.length) {
+      this.readBuf = Buffer.alloc(Math.max(count, this.readBuf.length * 2));
+      this.refreshViews();
+    }
+    const dst = count < this.smallViews.length ? this.smallViews[count]! : this.readBuf.subarray(0, count);
+    const r = region.read(this.accessOffset, dst);
+    const body = this.readBody;
+    body[1] = dst;
+    // While a command is pending no other one runs, so the reused buffers stay ours until then.
+    if (r instanceof Promise) return r.then((errno) => errno || body);
+    return r || body;
+  }
+
+  regionWrite(msg: IncomingMessage): HandlerResult | Promise<HandlerResult> {
+    const region = this.regionFor(msg, true);
+    if (typeof region === 'number') return region;
+    if (region.write === undefined) return Errno.EINVAL;
+    const start = msg.payloadOffset + REGION_ACCESS;
+    const r = region.write(this.accessOffset, msg.data.subarray(start, start + this.accessCount));
+    msg.data.copy(this.echo, 0, msg.payloadOffset, msg.payloadOffset + REGION_ACCESS);
+    if (r instanceof Promise) return r.then((errno) => errno || this.echo);
+    return r || this.echo;
+  }
+
+  private refreshViews(): void {
+    this.smallViews = [];
+    for (let n = 0; n <= 8; n++) this.smallViews.push(this.readBuf.subarray(0, n));
+  }
+
+  // ---- the rest, decoded with the protocol codecs ----
+
+  regionInfo(msg: IncomingMessage): HandlerResult {
+    const req = decodeRegionInfoRequest(msg.payload);
+    if (req.argsz < 32 || req.index >= this.device.regions.length) return Errno.EINVAL;
+    const region = this.device.regions[req.index];
+    const size = region?.size ?? 0;
+    const caps: RegionCapability[] = [];
+    if (region?.type) caps.push(typeCap(region.type.type, region.type.subtype));
+    let flags = size === 0 ? 0 : region!.flags & (RegionInfoFlags.READ | RegionInfoFlags.WRITE);
+    if (region?.mmap && size > 0) {
+      flags |= RegionInfoFlags.MMAP;
+      caps.push(sparseMmapCap(region.mmap.areas.map((a) => ({ offset: BigInt(a.offset), size: BigInt(a.size) }))));
+    }
+    const info = { flags, index: req.index, size: BigInt(size), offset: BigInt(region?.mmap?.fileOffset ?? 0), capabilities: caps };
+    const body = encodeRegionInfoReply(info, req.argsz);
+    // The fd goes with the capability chain only, exactly one (QEMU 11.1 breaks on more).
+    const complete = body.readUInt32LE(0) <= req.argsz;
+    if (region?.mmap && size > 0 && complete) return { body, fds: [region.mmap.fd.value] };
+    return body;
+  }
+}
+
+/** Capabilities to advertise, as the VERSION codec wants them. */
+function defaultsFor(caps: ReturnType<ServerCore['capabilities']>) {
+  return {
+    maxMsgFds: caps.maxMsgFds ?? 1,
+    maxDataXferSize: caps.maxDataXferSize ?? 1024 * 1024,
+    maxDmaMaps: caps.maxDmaMaps ?? 65535,
+    pgsizes: caps.pgsizes ?? 4096n,
+    writeMultiple: caps.writeMultiple ?? false,
+    twinSocket: { supported: false },
+    migration: caps.migration,
+  };
+}
+
+const HANDLERS: Partial<Record<number, Handler>> = {
+  [Command.VERSION]: () => Errno.EINVAL, // only once per connection (reference §3.1)
+
+  [Command.DMA_MAP]: (s, msg) => {
+    const req = decodeDmaMapRequest(msg.payload);
+    if (msg.fdCount > 1) return Errno.EINVAL;
+    const fd = msg.fdCount === 1 ? msg.takeFd(0) : null;
+    return s.core.dma.add({ iova: req.address, size: req.size, offset: req.offset, flags: req.flags }, fd);
+  },
+
+  [Command.DMA_UNMAP]: async (s, msg) => {
+    const req = decodeDmaUnmapRequest(msg.payload);
+    if (msg.fdCount !== 0 || req.argsz < 24) return Errno.EINVAL;
+    const echo = encodeDmaUnmapReply({ argsz: req.argsz, flags: req.flags, address: req.address, size: req.size });
+    if (req.flags === DmaUnmapFlags.ALL) {
+      if (req.address !== 0n || req.size !== 0n) return Errno.EINVAL;
+      await s.core.dma.removeAll();
+      return echo;
+    }
+    // The legacy dirty bitmap (migration v1) is not supported.
+    if (req.flags !== 0) return Errno.EINVAL;
+    const errno = await s.core.dma.remove(req.address, req.size);
+    return errno || echo;
+  },
+
+  [Command.DEVICE_GET_INFO]: (s, msg) => {
+    const req = decodeDeviceInfoRequest(msg.payload);
+    if (req.argsz < 16) return Errno.EINVAL;
+    const d = s.device;
+    return encodeDeviceInfoReply({ flags: d.flags, numRegions: d.regions.length, numIrqs: d.irqs.length });
+  },
+
+  [Command.DEVICE_GET_REGION_INFO]: (s, msg) => s.regionInfo(msg),
+
+  [Command.DEVICE_GET_REGION_IO_FDS]: (s, msg) => {
+    const req = decodeRegionIoFdsRequest(msg.payload);
+    if (req.argsz < 16 || req.index >= s.device.regions.length) return Errno.EINVAL;
+    // No ioeventfds are offered: a valid reply with no sub-regions.
+    return encodeRegionIoFdsReply({ index: req.index, subRegions: [] }, req.argsz);
+  },
+
+  [Command.DEVICE_GET_IRQ_INFO]: (s, msg) => {
+    const req = decodeIrqInfoRequest(msg.payload);
+    const info = s.core.irqs.info(req.index);
+    if (req.argsz < 16 || info === null) return Errno.EINVAL;
+    return encodeIrqInfoReply({ flags: info.flags, index: req.index, count: info.count });
+  },
+
+  [Command.DEVICE_SET_IRQS]: (s, msg) => {
+    const req = decodeSetIrqsRequest(msg.payload);
+    return s.core.irqs.set(req, msg.takeAllFds());
+  },
+
+  [Command.REGION_READ]: (s, msg) => s.regionRead(msg),
+  [Command.REGION_WRITE]: (s, msg) => s.regionWrite(msg),
+
+  [Command.REGION_WRITE_MULTI]: async (s, msg) => {
+    if (!s.core.writeMultiple) return Errno.EINVAL;
+    const req = decodeRegionWriteMultiRequest(msg.payload);
+    // Decode everything first: the message buffer is not ours after the first await.
+    const writes = req.wrs.map((w) => ({ offset: w.offset, region: w.region, data: Buffer.from(w.data) }));
+    let done = 0;
+    for (const w of writes) {
+      const region = s.device.regions[w.region];
+      if (region == null || region.write === undefined || (region.flags & RegionInfoFlags.WRITE) === 0) return Errno.EINVAL;
+      if (w.offset + BigInt(w.data.length) > BigInt(region.size)) return Errno.EINVAL;
+      const r = await region.write(Number(w.offset), w.data);
+      if (r) return r;
+      done++;
+    }
+    return encodeRegionWriteMultiReply({ wrCnt: done });
+  },
+
+  [Command.DEVICE_RESET]: async (s, msg) => {
+    decodeDeviceResetRequest(msg.payload);
+    await s.core.resetDevice('client');
+    return 0;
+  },
+
+  [Command.DEVICE_FEATURE]: (s, msg) => deviceFeature(s, msg),
+
+  [Command.MIG_DATA_READ]: (s, msg) => {
+    const mig = s.core.migration;
+    const req = decodeMigDataReadRequest(msg.payload);
+    if (mig === null || req.size > s.negotiatedXfer || req.argsz < 8 + req.size) return Errno.EINVAL;
+    const data = mig.read(req.size);
+    return typeof data === 'number' ? data : encodeMigDataReadReply({ data });
+  },
+
+  [Command.MIG_DATA_WRITE]: (s, msg) => {
+    const mig = s.core.migration;
+    const req = decodeMigDataWriteRequest(msg.payload);
+    if (mig === null || req.data.length > s.negotiatedXfer) return Errno.EINVAL;
+    return mig.write(req.data);
+  },
+};
+
+async function deviceFeature(s: Session, msg: IncomingMessage): Promise<HandlerResult> {
+  const req = decodeDeviceFeatureRequest(msg.payload);
+  const mig = s.core.migration;
+  if (mig === null) return Errno.EINVAL;
+  const index = featureIndex(req.flags);
+  const op = req.flags & (DeviceFeature.GET | DeviceFeature.SET | DeviceFeature.PROBE);
+  const supported: Record<number, number> = {
+    [DeviceFeature.MIGRATION]: DeviceFeature.GET,
+    [DeviceFeature.MIG_DEVICE_STATE]: DeviceFeature.GET | DeviceFeature.SET,
+    [DeviceFeature.DMA_LOGGING_START]: DeviceFeature.SET,
+    [DeviceFeature.DMA_LOGGING_STOP]: DeviceFeature.SET,
+    [DeviceFeature.DMA_LOGGING_REPORT]: DeviceFeature.GET,
+  };
+  const ops = supported[index];
+  if (ops === undefined || (op & ~DeviceFeature.PROBE & ~ops) !== 0) return Errno.EINVAL;
+  const echo = () => encodeDeviceFeatureReply({ argsz: req.argsz, flags: req.flags, data: req.data });
+  if (op & DeviceFeature.PROBE) return echo();
+  const get = (data: Uint8Array): HandlerResult => (req.argsz < 8 + data.length ? Errno.EINVAL : encodeDeviceFeatureReply({ flags: req.flags, data }));
+
+  switch (index) {
+    case DeviceFeature.MIGRATION:
+      return get(encodeMigrationFeatureData(mig.flags));
+    case DeviceFeature.MIG_DEVICE_STATE: {
+      if (op === DeviceFeature.GET) return get(encodeMigDeviceState({ deviceState: mig.state, dataFd: 0xffffffff }));
+      const { deviceState } = decodeMigDeviceState(req.data);
+      const errno = await mig.setState(deviceState);
+      return errno || get(encodeMigDeviceState({ deviceState: mig.state, dataFd: 0xffffffff }));
+    }
+    case DeviceFeature.DMA_LOGGING_START: {
+      const ctl = decodeDmaLoggingControl(req.data);
+      if (ctl.pageSize === 0n || s.core.dma.logging) return Errno.EINVAL;
+      const pageSize = s.core.dma.startLogging(Number(ctl.pageSize));
+      return encodeDeviceFeatureReply({ argsz: req.argsz, flags: req.flags, data: encodeDmaLoggingControl({ ...ctl, pageSize: BigInt(pageSize) }) });
+    }
+    case DeviceFeature.DMA_LOGGING_STOP:
+      if (!s.core.dma.logging) return Errno.EINVAL;
+      s.core.dma.stopLogging();
+      return echo();
+    case DeviceFeature.DMA_LOGGING_REPORT: {
+      const r = decodeDmaLoggingReportRequest(req.data);
+      const bitmap = s.core.dma.report(Number(r.iova), Number(r.length), Number(r.pageSize));
+      if (typeof bitmap === 'number') return bitmap;
+      return get(Buffer.concat([req.data.subarray(0, 24), bitmap]));
+    }
+  }
+  return Errno.EINVAL;
+}

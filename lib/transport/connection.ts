@@ -1,0 +1,647 @@
+/**
+ * `Connection`: one vfio-user socket, used by both sides (reference §1).
+ *
+ * It frames the stream into messages with their fds, numbers our requests and matches replies to
+ * them, hands the peer's commands to a handler while our own requests are in flight, times out
+ * requests, sends each message with exactly one sendmsg (queueing, with backpressure, when the
+ * socket is full), and fails every pending request when the connection ends.
+ *
+ * The steady state allocates nothing per message: one reusable {@link IncomingMessage} is filled
+ * for each message received, headers are encoded into one preallocated buffer, pending requests
+ * live in a fixed 64 Ki-slot table with pooled records, and one re-armable timer sweeps timeouts.
+ * The promise-returning {@link Connection.request} is the convenient path; {@link Connection.send}
+ * with a long-lived callback is the allocation-free one.
+ */
+import { EventEmitter } from 'node:events';
+import { debuglog } from 'node:util';
+import { binding, WOULD_BLOCK } from '../native/binding';
+import { Fd } from '../native/fd';
+import { Errno, HeaderFlags } from '../protocol/constants';
+import { VfioUserError } from '../protocol/errors';
+import { emptyFramedMessage, FramedMessage, Framer, FramingError, HEADER_SIZE } from './framer';
+
+const debug = debuglog('vfio-user:transport');
+
+/** Payload of a message: one buffer, or several sent back to back (header + struct + data...). */
+export type Body = Uint8Array | readonly Uint8Array[] | null | undefined;
+
+export interface ConnectionOptions {
+  /** Largest message we buffer whole; larger ones get an error reply (default 1 MiB + 4 KiB). */
+  maxMessageSize?: number;
+  /** Most fds we accept with one message (what we advertise as max_msg_fds; default 16). */
+  maxRecvFds?: number;
+  /** Most fds the peer accepts with one message (its max_msg_fds; default 1 until negotiated). */
+  maxSendFds?: number;
+  /** Default reply timeout for our requests, in ms (default 5000, as QEMU's x-msg-timeout). */
+  requestTimeoutMs?: number;
+  /** Queued bytes above which {@link Connection.writableNeedDrain} is true (default 1 MiB). */
+  highWaterMark?: number;
+  /** First msg_id our requests use (QEMU's client starts at 0, libvfio-user's server at 1). */
+  firstMsgId?: number;
+  /** A label for debug output. */
+  name?: string;
+}
+
+export type ConnectionState = 'open' | 'closing' | 'closed';
+
+/**
+ * A received message. The instance is reused: its fields and payload view are valid only until the
+ * handler or callback returns. Use {@link IncomingMessage.detach} to keep it for later (async)
+ * work. Fds not taken with {@link IncomingMessage.takeFd} by then are closed by the connection.
+ */
+export class IncomingMessage {
+  msgId = 0;
+  command = 0;
+  flags = 0;
+  error = 0;
+  /** The buffer holding the payload at [payloadOffset, payloadOffset + payloadLength). */
+  data: Buffer = Buffer.alloc(0);
+  payloadOffset = 0;
+  payloadLength = 0;
+  /** True if the message was larger than the connection's limit and its payload was dropped. */
+  oversized = false;
+  /** True once a reply was sent (or suppressed for a No_reply command). */
+  replied = false;
+  /** @internal raw fds not yet taken; entries become -1 when taken. */
+  rawFds: number[] | null = null;
+
+  /** A zero-copy view of the payload (allocates a view object; hot paths read `data` directly). */
+  get payload(): Buffer {
+    return this.data.subarray(this.payloadOffset, this.payloadOffset + this.payloadLength);
+  }
+
+  get fdCount(): number {
+    return this.rawFds === null ? 0 : this.rawFds.length;
+  }
+
+  get noReply(): boolean {
+    return (this.flags & HeaderFlags.NO_REPLY) !== 0;
+  }
+
+  /** Take ownership of fd `index`; throws if absent or already taken. */
+  takeFd(index: number): Fd {
+    const raw = this.rawFds?.[index];
+    if (raw === undefined || raw < 0) throw new RangeError(`no fd at index ${index} of this message`);
+    this.rawFds![index] = -1;
+    return new Fd(raw);
+  }
+
+  /** Take every fd not yet taken, in order. */
+  takeAllFds(): Fd[] {
+    const out: Fd[] = [];
+    if (this.rawFds !== null) for (let i = 0; i < this.rawFds.length; i++) if (this.rawFds[i]! >= 0) out.push(this.takeFd(i));
+    return out;
+  }
+
+  /**
+   * An owned copy for asynchronous handling: the payload is copied, the untaken fds move to the
+   * copy (close them with {@link IncomingMessage.closeFds} when done).
+   */
+  detach(): IncomingMessage {
+    const copy = new IncomingMessage();
+    copy.msgId = this.msgId;
+    copy.command = this.command;
+    copy.flags = this.flags;
+    copy.error = this.error;
+    copy.data = Buffer.from(this.payload);
+    copy.payloadOffset = 0;
+    copy.payloadLength = this.payloadLength;
+    copy.oversized = this.oversized;
+    copy.rawFds = this.rawFds;
+    this.rawFds = null;
+    // The original is answered through the copy from now on.
+    this.replied = true;
+    return copy;
+  }
+
+  /** Close every fd not taken. Idempotent. */
+  closeFds(): void {
+    const fds = this.rawFds;
+    if (fds === null) return;
+    this.rawFds = null;
+    for (const fd of fds) if (fd >= 0) closeRaw(fd);
+  }
+}
+
+/** Called with the reply (valid only during the call) or an error. */
+export type ReplyCallback = (err: VfioUserError | null, reply: IncomingMessage | null) => void;
+
+/** An owned reply, as the promise API returns it. */
+export interface Reply {
+  payload: Buffer;
+  fds: Fd[];
+}
+
+export interface RequestOptions {
+  fds?: readonly number[] | null;
+  timeoutMs?: number;
+}
+
+interface Pending {
+  msgId: number;
+  command: number;
+  /** Sweep tick at which the request times out (ticks avoid a clock read per request). */
+  deadline: number;
+  callback: ReplyCallback | null;
+  prev: Pending | null;
+  next: Pending | null;
+}
+
+interface Queued {
+  bytes: Buffer;
+  sent: number;
+  fds: readonly number[] | null;
+}
+
+const MSG_ID_SLOTS = 0x10000;
+const SWEEP_INTERVAL_MS = 10;
+const MAX_READS_PER_WAKEUP = 64;
+const MAX_IOV = 8;
+
+function closeRaw(fd: number): void {
+  try {
+    new Fd(fd).close();
+  } catch (err) {
+    debug('close(%d) failed: %s', fd, (err as Error).message);
+  }
+}
+
+export class Connection extends EventEmitter {
+  state: ConnectionState = 'open';
+  /** Handler for commands from the peer. Unset: every command gets ENOSYS. */
+  onRequest: ((msg: IncomingMessage, conn: Connection) => void) | null = null;
+
+  readonly maxRecvFds: number;
+  maxSendFds: number;
+  requestTimeoutMs: number;
+  readonly highWaterMark: number;
+  readonly name: string;
+
+  private readonly socket: Fd;
+  private readonly poller: InstanceType<typeof binding.Poller>;
+  private readonly framer: Framer;
+  private readonly incoming = new IncomingMessage();
+  private readonly framed: FramedMessage = emptyFramedMessage();
+  private readonly fdsOut: Int32Array;
+  private readonly header = Buffer.alloc(HEADER_SIZE);
+  /** iovs[n] is a reusable array of n + 1 entries: the header and n body parts. */
+  private readonly iovs: Uint8Array[][] = [];
+
+  private readonly pending: (Pending | null)[] = new Array<Pending | null>(MSG_ID_SLOTS).fill(null);
+  /** Command of a request that timed out, by msg_id (-1: none): its late reply is dropped quietly. */
+  private readonly expired = new Int32Array(MSG_ID_SLOTS).fill(-1);
+  private pendingHead: Pending | null = null;
+  private pendingTail: Pending | null = null;
+  private pendingCount = 0;
+  private freePending: Pending[] = [];
+  private nextMsgId: number;
+
+  private readonly sendQueue: Queued[] = [];
+  private queuedBytes = 0;
+  private watching = 0;
+  private sweepTimer: NodeJS.Timeout | null = null;
+  private sweepArmed = false;
+  /** Sweeps run so far: the timeout clock (it only needs to advance while requests are pending). */
+  private ticks = 0;
+  private closeError: Error | null = null;
+
+  /** Takes ownership of `socket` (a connected, non-blocking unix stream socket). */
+  constructor(socket: Fd, options: ConnectionOptions = {}) {
+    super();
+    this.socket = socket;
+    this.framer = new Framer(options.maxMessageSize ?? 1024 * 1024 + 4096);
+    this.maxRecvFds = options.maxRecvFds ?? 16;
+    this.maxSendFds = options.maxSendFds ?? 1;
+    this.requestTimeoutMs = options.requestTimeoutMs ?? 5000;
+    this.highWaterMark = options.highWaterMark ?? 1024 * 1024;
+    this.nextMsgId = (options.firstMsgId ?? 0) & 0xffff;
+    this.name = options.name ?? `fd${socket.value}`;
+    // Room for every fd one sendmsg can carry, so an over-limit message is refused cleanly
+    // (error reply, fds closed) instead of truncated by the kernel.
+    this.fdsOut = new Int32Array(binding.constants.SCM_MAX_FD + 1);
+    for (let n = 0; n <= MAX_IOV; n++) this.iovs.push(new Array<Uint8Array>(n + 1).fill(this.header));
+    this.poller = new binding.Poller(socket.value, (status, events) => this.onPoll(status, events));
+    this.watch();
+  }
+
+  /** Largest message buffered whole; can be changed after negotiation. */
+  get maxMessageSize(): number {
+    return this.framer.maxMessageSize;
+  }
+  set maxMessageSize(size: number) {
+    this.framer.maxMessageSize = size;
+  }
+
+  /** True while more than `highWaterMark` bytes wait in the send queue ('drain' follows). */
+  get writableNeedDrain(): boolean {
+    return this.queuedBytes > this.highWaterMark;
+  }
+
+  /** Requests sent and not yet answered. */
+  get inFlight(): number {
+    return this.pendingCount;
+  }
+
+  /**
+   * Send a command and resolve with its reply (payload copied, fds owned by the caller).
+   * Rejects with a {@link VfioUserError}: the peer's errno for an error reply, ETIMEDOUT,
+   * ECONNRESET when the connection ends first, EPROTO for a malformed reply.
+   * Fds in `options.fds` are borrowed until the promise settles.
+   */
+  request(command: number, body?: Body, options: RequestOptions = {}): Promise<Reply> {
+    return new Promise<Reply>((resolve, reject) => {
+      this.send(
+        command,
+        body,
+        options.fds ?? null,
+        (err, reply) => {
+          if (err !== null) reject(err);
+          else resolve({ payload: Buffer.from(reply!.payload), fds: reply!.takeAllFds() });
+        },
+        options.timeoutMs,
+      );
+    });
+  }
+
+  /**
+   * Send a command; `callback` runs once with the reply (valid only during the call) or an error.
+   * Allocation-free when `callback` is a long-lived function. Returns the msg_id used.
+   */
+  send(command: number, body: Body, fds: readonly number[] | null, callback: ReplyCallback, timeoutMs?: number): number {
+    if (this.state !== 'open') {
+      callback(this.closedError(command, 0), null);
+      return -1;
+    }
+    if (this.pendingCount >= MSG_ID_SLOTS - 1) {
+      callback(new VfioUserError(Errno.EAGAIN, command, 0, 'too many requests in flight'), null);
+      return -1;
+    }
+    const msgId = this.allocMsgId();
+    const p = this.freePending.pop() ?? { msgId: 0, command: 0, deadline: 0, callback: null, prev: null, next: null };
+    p.msgId = msgId;
+    p.command = command;
+    p.deadline = this.ticks + Math.ceil((timeoutMs ?? this.requestTimeoutMs) / SWEEP_INTERVAL_MS);
+    p.callback = callback;
+    this.linkPending(p);
+    this.armSweep();
+    this.transmit(msgId, command, HeaderFlags.TYPE_COMMAND, 0, body, fds);
+    return msgId;
+  }
+
+  /** Send a command with No_reply set (a posted write): nothing comes back, not even an error. */
+  post(command: number, body?: Body): void {
+    if (this.state !== 'open') throw this.closedError(command, 0);
+    this.transmit(this.allocMsgId(), command, HeaderFlags.TYPE_COMMAND | HeaderFlags.NO_REPLY, 0, body, null);
+  }
+
+  /** Answer the peer's command `msg` with a success reply. A No_reply command gets nothing. */
+  reply(msg: IncomingMessage, body?: Body, fds: readonly number[] | null = null): void {
+    if (msg.replied) throw new Error(`message ${msg.msgId} was already answered`);
+    msg.replied = true;
+    if (msg.noReply || this.state !== 'open') return;
+    this.transmit(msg.msgId, msg.command, HeaderFlags.TYPE_REPLY, 0, body, fds);
+  }
+
+  /** Answer the peer's command `msg` with an error reply (header only, §1.4). */
+  replyError(msg: IncomingMessage, errno: number): void {
+    if (msg.replied) throw new Error(`message ${msg.msgId} was already answered`);
+    msg.replied = true;
+    if (msg.noReply) {
+      debug('%s: dropped error %d for No_reply command %d', this.name, errno, msg.command);
+      return;
+    }
+    if (this.state !== 'open') return;
+    this.transmit(msg.msgId, msg.command, HeaderFlags.TYPE_REPLY | HeaderFlags.ERROR, errno || Errno.EINVAL, null, null);
+  }
+
+  /**
+   * Close the connection: the socket fd is closed, every pending request fails (with `error`, or
+   * ECONNRESET), queued messages are dropped, fds received and not handed out are closed, and
+   * 'close' is emitted once with the error (null for a local close or a clean EOF).
+   */
+  close(error: Error | null = null): void {
+    if (this.state === 'closed') return;
+    this.state = 'closed';
+    this.closeError = error;
+    if (error) debug('%s: closing: %s', this.name, error.message);
+    this.poller.close();
+    this.socket.close();
+    if (this.sweepTimer !== null) clearTimeout(this.sweepTimer);
+    this.sendQueue.length = 0;
+    this.queuedBytes = 0;
+    for (const fd of this.framer.drainFds()) closeRaw(fd);
+    this.incoming.closeFds();
+    let p = this.pendingHead;
+    this.pendingHead = this.pendingTail = null;
+    while (p !== null) {
+      const next = p.next;
+      const cb = p.callback!;
+      this.pending[p.msgId] = null;
+      this.pendingCount--;
+      cb(this.closedError(p.command, p.msgId), null);
+      p = next;
+    }
+    this.emit('close', error);
+  }
+
+  // ---- sending ----
+
+  private allocMsgId(): number {
+    let id = this.nextMsgId;
+    for (let tries = 0; this.pending[id] !== null || this.expired[id]! >= 0; tries++) {
+      // Every free id is held by a timed-out request: forget those, their replies are long overdue.
+      if (tries === MSG_ID_SLOTS) this.expired.fill(-1);
+      id = (id + 1) & 0xffff;
+    }
+    this.nextMsgId = (id + 1) & 0xffff;
+    return id;
+  }
+
+  private transmit(msgId: number, command: number, flags: number, error: number, body: Body, fds: readonly number[] | null): void {
+    if (fds !== null && fds.length > this.maxSendFds) {
+      throw new RangeError(`message carries ${fds.length} fds but the peer accepts at most ${this.maxSendFds}`);
+    }
+    let iov: Uint8Array[];
+    let size = HEADER_SIZE;
+    if (body == null) {
+      iov = this.iovs[0]!;
+    } else if (body instanceof Uint8Array) {
+      iov = this.iovs[1]!;
+      iov[1] = body;
+      size += body.length;
+    } else {
+      if (body.length > MAX_IOV) throw new RangeError(`at most ${MAX_IOV} body parts per message`);
+      iov = this.iovs[body.length]!;
+      for (let i = 0; i < body.length; i++) {
+        iov[i + 1] = body[i]!;
+        size += body[i]!.length;
+      }
+    }
+    const h = this.header;
+    h.writeUInt16LE(msgId, 0);
+    h.writeUInt16LE(command, 2);
+    h.writeUInt32LE(size, 4);
+    h.writeUInt32LE(flags, 8);
+    h.writeUInt32LE(error, 12);
+
+    let sent = 0;
+    if (this.sendQueue.length === 0) {
+      try {
+        sent = binding.sendmsg(this.socket.value, iov, fds);
+      } catch (err) {
+        this.clearIov(iov);
+        this.fail(err as Error);
+        return;
+      }
+      if (sent === WOULD_BLOCK) sent = 0;
+      if (sent === size) {
+        this.clearIov(iov);
+        return;
+      }
+    }
+    // Queue the unsent part (a copy: the caller's buffers are free again when we return).
+    const bytes = Buffer.allocUnsafe(size - sent);
+    let at = 0;
+    let skip = sent;
+    for (const part of iov) {
+      if (skip >= part.length) {
+        skip -= part.length;
+        continue;
+      }
+      bytes.set(skip > 0 ? part.subarray(skip) : part, at);
+      at += part.length - skip;
+      skip = 0;
+    }
+    this.clearIov(iov);
+    this.sendQueue.push({ bytes, sent: 0, fds: sent > 0 ? null : fds });
+    this.queuedBytes += bytes.length;
+    this.watch();
+  }
+
+  /** Drop references to the caller's buffers so the reusable arrays keep nothing alive. */
+  private clearIov(iov: Uint8Array[]): void {
+    for (let i = 1; i < iov.length; i++) iov[i] = this.header;
+  }
+
+  private flush(): void {
+    const one = this.iovs[0]!;
+    while (this.sendQueue.length > 0 && this.state === 'open') {
+      const q = this.sendQueue[0]!;
+      one[0] = q.sent === 0 ? q.bytes : q.bytes.subarray(q.sent);
+      let n: number;
+      try {
+        n = binding.sendmsg(this.socket.value, one, q.sent === 0 ? q.fds : null);
+      } catch (err) {
+        one[0] = this.header;
+        this.fail(err as Error);
+        return;
+      }
+      one[0] = this.header;
+      if (n === WOULD_BLOCK) break;
+      q.sent += n;
+      this.queuedBytes -= n;
+      if (q.sent === q.bytes.length) this.sendQueue.shift();
+    }
+    this.watch();
+    if (this.sendQueue.length === 0 && this.state === 'open') this.emit('drain');
+  }
+
+  // ---- receiving ----
+
+  private watch(): void {
+    if (this.state !== 'open') return;
+    const ev = binding.pollEvents;
+    const want = ev.READABLE | ev.DISCONNECT | (this.sendQueue.length > 0 ? ev.WRITABLE : 0);
+    if (want !== this.watching) {
+      this.poller.start(want);
+      this.watching = want;
+    }
+  }
+
+  private onPoll(status: number, events: number): void {
+    if (this.state !== 'open') return;
+    if (status < 0) {
+      this.fail(new VfioUserError(Errno.EIO, 0, 0, `poll error ${status} on the socket`));
+      return;
+    }
+    if (events & binding.pollEvents.WRITABLE) this.flush();
+    if (events & (binding.pollEvents.READABLE | binding.pollEvents.DISCONNECT)) this.readSome();
+  }
+
+  private readSome(): void {
+    const framer = this.framer;
+    const fdsOut = this.fdsOut;
+    for (let i = 0; i < MAX_READS_PER_WAKEUP && this.state === 'open'; i++) {
+      framer.prepare();
+      let n: number;
+      try {
+        n = binding.recvmsg(this.socket.value, framer.buffer, framer.writeOffset, framer.writable, fdsOut);
+      } catch (err) {
+        this.fail(err as Error);
+        return;
+      }
+      if (n === WOULD_BLOCK) return;
+      let fds: number[] | null = null;
+      if (fdsOut[0]! > 0) {
+        fds = [];
+        for (let k = 1; k <= fdsOut[0]!; k++) fds.push(fdsOut[k]!);
+        fdsOut[0] = 0;
+      }
+      if (n === 0) {
+        if (fds !== null) for (const fd of fds) closeRaw(fd);
+        const partial = framer.buffered > 0;
+        this.close(partial ? new VfioUserError(Errno.ECONNRESET, 0, 0, 'peer closed the connection mid-message') : null);
+        return;
+      }
+      framer.commit(n, fds);
+      this.closeStrayFds();
+      this.dispatchAll();
+    }
+  }
+
+  private closeStrayFds(): void {
+    if (this.framer.strayFds.length === 0) return;
+    debug('%s: closing %d fds that arrived without a message header', this.name, this.framer.strayFds.length);
+    for (const fd of this.framer.strayFds) closeRaw(fd);
+    this.framer.strayFds = [];
+  }
+
+  private dispatchAll(): void {
+    const framed = this.framed;
+    const msg = this.incoming;
+    while (this.state === 'open') {
+      try {
+        if (!this.framer.next(framed)) return;
+      } catch (err) {
+        this.fail(err instanceof FramingError ? new VfioUserError(Errno.EPROTO, 0, 0, err.message) : (err as Error));
+        return;
+      }
+      msg.msgId = framed.msgId;
+      msg.command = framed.command;
+      msg.flags = framed.flags;
+      msg.error = framed.error;
+      msg.data = framed.data;
+      msg.payloadOffset = framed.payloadOffset;
+      msg.payloadLength = framed.payloadLength;
+      msg.oversized = framed.oversized;
+      msg.rawFds = framed.fds;
+      msg.replied = false;
+      const type = framed.flags & HeaderFlags.TYPE_MASK;
+      if (type === HeaderFlags.TYPE_REPLY) this.onReply(msg);
+      else if (type === HeaderFlags.TYPE_COMMAND) this.onCommand(msg);
+      else this.fail(new VfioUserError(Errno.EPROTO, framed.command, framed.msgId, `message type ${type} is neither command nor reply`));
+      msg.closeFds();
+    }
+  }
+
+  private onCommand(msg: IncomingMessage): void {
+    if (msg.oversized) {
+      debug('%s: command %d of %d bytes exceeds the %d-byte limit', this.name, msg.command, this.framed.size, this.maxMessageSize);
+      this.replyError(msg, Errno.EINVAL);
+      return;
+    }
+    if (msg.fdCount > this.maxRecvFds) {
+      this.replyError(msg, Errno.EINVAL);
+      return;
+    }
+    const handler = this.onRequest;
+    if (handler === null) {
+      this.replyError(msg, Errno.ENOSYS);
+      return;
+    }
+    try {
+      handler(msg, this);
+    } catch (err) {
+      // A handler bug must not take the event loop down; the peer gets an error reply.
+      debug('%s: handler for command %d threw: %s', this.name, msg.command, (err as Error).stack);
+      this.emit('handlerError', err, msg.command);
+      if (!msg.replied && this.state === 'open') this.replyError(msg, Errno.EINVAL);
+    }
+  }
+
+  private onReply(msg: IncomingMessage): void {
+    const p = this.pending[msg.msgId];
+    if (p == null && this.expired[msg.msgId] === msg.command) {
+      this.expired[msg.msgId] = -1;
+      debug('%s: dropped late reply %d to command %d', this.name, msg.msgId, msg.command);
+      return;
+    }
+    if (p == null || p.command !== msg.command) {
+      this.fail(new VfioUserError(Errno.EPROTO, msg.command, msg.msgId, p == null ? 'reply to no outstanding request' : `reply carries command ${msg.command}, request was ${p.command}`));
+      return;
+    }
+    const cb = this.retirePending(p);
+    if (msg.oversized) {
+      cb(new VfioUserError(Errno.E2BIG, msg.command, msg.msgId, `reply exceeds the ${this.maxMessageSize}-byte limit`), null);
+    } else if (msg.flags & HeaderFlags.ERROR) {
+      cb(new VfioUserError(msg.error > 0 && msg.error < 4096 ? msg.error : Errno.EINVAL, msg.command, msg.msgId), null);
+    } else {
+      cb(null, msg);
+    }
+  }
+
+  // ---- pending requests and timeouts ----
+
+  private linkPending(p: Pending): void {
+    this.pending[p.msgId] = p;
+    this.pendingCount++;
+    p.next = null;
+    p.prev = this.pendingTail;
+    if (this.pendingTail !== null) this.pendingTail.next = p;
+    else this.pendingHead = p;
+    this.pendingTail = p;
+  }
+
+  /** Unlink `p`, return it to the pool, and hand back its callback. */
+  private retirePending(p: Pending): ReplyCallback {
+    const cb = p.callback!;
+    this.pending[p.msgId] = null;
+    this.pendingCount--;
+    if (p.prev !== null) p.prev.next = p.next;
+    else this.pendingHead = p.next;
+    if (p.next !== null) p.next.prev = p.prev;
+    else this.pendingTail = p.prev;
+    p.callback = null;
+    p.prev = p.next = null;
+    this.freePending.push(p);
+    return cb;
+  }
+
+  private armSweep(): void {
+    if (this.sweepArmed) return;
+    this.sweepArmed = true;
+    if (this.sweepTimer === null) {
+      this.sweepTimer = setTimeout(() => this.sweep(), SWEEP_INTERVAL_MS);
+      this.sweepTimer.unref();
+    } else {
+      this.sweepTimer.refresh();
+    }
+  }
+
+  private sweep(): void {
+    this.sweepArmed = false;
+    if (this.state !== 'open') return;
+    const now = ++this.ticks;
+    // Deadlines are not strictly ordered (per-request timeouts differ), so look at all of them.
+    let p = this.pendingHead;
+    while (p !== null) {
+      const next = p.next;
+      if (p.deadline <= now) {
+        const { command, msgId } = p;
+        this.expired[msgId] = command;
+        this.retirePending(p)(new VfioUserError(Errno.ETIMEDOUT, command, msgId, `no reply within the timeout`), null);
+      }
+      p = next;
+    }
+    if (this.pendingCount > 0) this.armSweep();
+  }
+
+  private fail(error: Error): void {
+    this.close(error);
+  }
+
+  private closedError(command: number, msgId: number): VfioUserError {
+    const reason = this.closeError ? `: ${this.closeError.message}` : '';
+    return new VfioUserError(Errno.ECONNRESET, command, msgId, `connection closed${reason}`);
+  }
+}
