@@ -80,11 +80,16 @@ export function defaultCapabilities(): Capabilities {
 
 /** `input` completed with the defaults (for this side's own announcement). */
 export function withDefaults(input: CapabilitiesInput): Capabilities {
-  const out = defaultCapabilities();
-  for (const key of Object.keys(input) as (keyof Capabilities)[]) {
-    if (input[key] !== undefined) (out as unknown as Record<string, unknown>)[key] = input[key];
-  }
-  return out;
+  const d = defaultCapabilities();
+  return {
+    maxMsgFds: input.maxMsgFds ?? d.maxMsgFds,
+    maxDataXferSize: input.maxDataXferSize ?? d.maxDataXferSize,
+    maxDmaMaps: input.maxDmaMaps ?? d.maxDmaMaps,
+    pgsizes: input.pgsizes ?? d.pgsizes,
+    writeMultiple: input.writeMultiple ?? d.writeMultiple,
+    twinSocket: input.twinSocket === undefined ? d.twinSocket : { ...input.twinSocket },
+    migration: input.migration === undefined ? undefined : { ...input.migration },
+  };
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -509,6 +514,19 @@ export function negotiate(options: NegotiateOptions): Negotiated {
     out,
   };
   for (const rule of NEGOTIATION_RULES) rule.check(ctx);
+  return out;
+}
+
+/**
+ * The capabilities a server puts in its `VERSION` reply: its own announcement `own`, with
+ * `twin_socket` present only when the negotiation enabled it (then `{ supported: true, fd_index }`):
+ * it is never offered unasked (reference 1.9, 3.1 step 5). Keep the encoded reply no longer than
+ * the request (compare `versionPayloadSize` with the request's payload length, 3.1 step 6).
+ */
+export function serverReplyCapabilities(own: CapabilitiesInput, negotiated: Pick<Negotiated, 'twinSocket' | 'twinSocketFdIndex'>): CapabilitiesInput {
+  const out: CapabilitiesInput = { ...own };
+  delete out.twinSocket;
+  if (negotiated.twinSocket) out.twinSocket = { supported: true, fdIndex: negotiated.twinSocketFdIndex ?? 0 };
   return out;
 }
 

@@ -4,7 +4,8 @@
  * - {@link ProtocolError}: input that does not follow the protocol (truncated, oversized or
  *   inconsistent bytes, wrong JSON types, impossible negotiation). Thrown by every decoder. Its
  *   `errno` is what a receiver should put in an error reply (almost always `EINVAL`, as
- *   libvfio-user does); `fatal` says the stream can no longer be trusted.
+ *   libvfio-user does). Whether the connection survives is the caller's decision: a bad header
+ *   is judged by `validateHeader`, a failed `VERSION` always ends the connection.
  * - {@link VfioUserError}: a peer answered a command with an error reply (reference 1.10).
  *
  * Encoders do not throw these: handing an encoder a value that does not fit its field is a bug in
@@ -20,7 +21,10 @@ export interface ProtocolErrorOptions {
   errno?: number;
   /** Wire field (spec spelling) that was wrong, e.g. `'argsz'` or `'capabilities.max_msg_fds'`. */
   field?: string;
-  /** True when the stream is corrupt and must be closed rather than answered. Default false. */
+  /**
+   * The connection cannot continue after this error: close it (after the error reply, if one is
+   * due, as for a failed `VERSION`). Default false: answer the one message and go on.
+   */
   fatal?: boolean;
   /** Underlying error, if any. */
   cause?: unknown;
@@ -38,7 +42,7 @@ export class ProtocolError extends Error {
   readonly code: string;
   /** The offending wire field, when one is to blame. */
   readonly field: string | undefined;
-  /** The stream must be closed (see {@link ProtocolErrorOptions.fatal}). */
+  /** The connection must be closed (see {@link ProtocolErrorOptions.fatal}). */
   readonly fatal: boolean;
 
   constructor(message: string, options: ProtocolErrorOptions = {}) {

@@ -7,6 +7,7 @@ import {
   defaultCapabilities,
   negotiate,
   parseCapabilities,
+  serverReplyCapabilities,
   parseJson,
   withDefaults,
   type Capabilities,
@@ -164,6 +165,15 @@ describe('negotiation: the peer may only lower our limits', () => {
       expect(negotiate({ role: 'client', local: offer, peer: reply, peerFds: 1 })).toMatchObject({ twinSocket: true, twinSocketFdIndex: 0 });
       expect(negotiate({ role: 'client', local: offer, peer: info({}) }).twinSocket).toBe(false);
       expect(negotiate({ role: 'client', local: offer, peer: info({ twinSocket: { supported: false, fdIndex: 3 } }) }).twinSocket).toBe(false);
+    });
+
+    it('server reply announces twin_socket only when enabled, with the fd index', () => {
+      const own = { maxMsgFds: 8, maxDataXferSize: 1 << 20, twinSocket: { supported: true } };
+      const on = negotiate({ role: 'server', local: info(own), peer: offer });
+      expect(serverReplyCapabilities(own, on)).toEqual({ maxMsgFds: 8, maxDataXferSize: 1 << 20, twinSocket: { supported: true, fdIndex: 0 } });
+      const off = negotiate({ role: 'server', local: info(own), peer: info({}) });
+      expect(serverReplyCapabilities(own, off)).toEqual({ maxMsgFds: 8, maxDataXferSize: 1 << 20 });
+      expect(own.twinSocket).toEqual({ supported: true }); // not mutated
     });
 
     it('client: inconsistent replies must close the connection', () => {

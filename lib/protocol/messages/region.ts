@@ -172,7 +172,8 @@ export function regionInfoReplySize(info: Pick<RegionInfoInit, 'capabilities'>):
  * If the complete reply fits, it is sent whole with `CAPS` set (when there are capabilities) and
  * the chain at `cap_offset` 32. Otherwise only the fixed 32 bytes are sent, with `argsz` = the
  * size needed and `CAPS` cleared (`MMAP` kept): the server must then not attach the region's fd
- * (reference 3.5, libvfio-user behaviour).
+ * (reference 3.5, libvfio-user behaviour). In short: attach the fd iff the result is longer than
+ * 32 bytes and the region is mappable.
  */
 export function encodeRegionInfoReply(info: RegionInfoInit, requestArgsz = Infinity): Buffer {
   const caps = info.capabilities ?? [];
@@ -229,8 +230,8 @@ function writeCap(w: Writer, cap: RegionCapability, next: number): void {
  *
  * @throws {ProtocolError} if `argsz` < 32 or disagrees with the payload; if there are capability
  * bytes without `CAPS`; if `cap_offset` or a `next` points outside the payload or does not move
- * strictly forward (loops); if a capability overruns the next one or the payload; if a sparse area
- * lies outside the region.
+ * strictly forward (loops); if a capability overruns the next one or the payload; if bytes follow
+ * the last capability; if a sparse area lies outside the region.
  */
 export function decodeRegionInfoReply(payload: Uint8Array): RegionInfoReply {
   const r = new Reader(payload, 'DEVICE_GET_REGION_INFO reply');
