@@ -335,9 +335,10 @@ export class ConfigSpace {
 
   /**
    * Places a capability in the standard list: at `at`, or after the last one (dword-aligned, from
-   * 0x40). Links it at the end of the list, sets CAPABILITY_LIST and STATUS.CAP_LIST, then calls
-   * `cap.attached`. Returns its offset.
-   * @throws RangeError if it does not fit below 0x100, is misaligned or overlaps another one.
+   * 0x40). Calls `cap.attached` (which may refuse by throwing), then installs it, links it at the
+   * end of the list and sets CAPABILITY_LIST and STATUS.CAP_LIST. Returns its offset.
+   * @throws RangeError if it does not fit below 0x100, is misaligned or overlaps another one;
+   * whatever `attached` throws. Nothing is changed then.
    */
   addCapability(cap: Capability, at?: number): number {
     const length = cap.layout.length;
@@ -345,6 +346,7 @@ export class ConfigSpace {
     checkId('capability', cap.id, 0xff);
     const offset = at ?? nextFree(this.capabilities, CAPABILITY_AREA_START);
     this.checkPlacement('capability', offset, length, CAPABILITY_AREA_START, CONFIG_SPACE_SIZE, this.capabilities);
+    cap.attached?.(this, offset); // may refuse (throw) before anything changes
     this.install(offset, cap.layout);
     this.defineHeader(offset, 2, cap.id);
     const last = this.capabilities[this.capabilities.length - 1];
@@ -352,7 +354,8 @@ export class ConfigSpace {
     else this.defineHeader(last.offset + 1, 1, offset);
     const status = this.defaults16(Cfg.STATUS) | Status.CAP_LIST;
     this.defineRegister(Cfg.STATUS, 2, status, { w1c: STATUS_W1C_BITS });
-    return this.placed(this.capabilities, cap, offset, length);
+    this.capabilities.push({ cap, offset, length });
+    return offset;
   }
 
   /**
@@ -374,6 +377,7 @@ export class ConfigSpace {
     }
     const list = this.extendedCapabilities;
     this.checkPlacement('extended capability', offset, length, EXTENDED_CAPABILITY_START, this.size, list);
+    cap.attached?.(this, offset);
     this.install(offset, cap.layout);
     this.defineHeader(offset, 4, (cap.id | (cap.version << 16)) >>> 0);
     const last = list[list.length - 1];
@@ -381,7 +385,8 @@ export class ConfigSpace {
       const header = this.defaults32(last.offset) & 0x000f_ffff;
       this.defineHeader(last.offset, 4, (header | (offset << EXT_NEXT_SHIFT)) >>> 0);
     }
-    return this.placed(list, cap, offset, length);
+    list.push({ cap, offset, length });
+    return offset;
   }
 
   /** Offset of the first standard capability with `id`, or undefined. */
@@ -499,12 +504,6 @@ export class ConfigSpace {
     if (clash !== undefined) {
       throw new RangeError(`A ${what} at ${hex(offset)} would overlap the one at ${hex(clash.offset)}`);
     }
-  }
-
-  private placed(list: Placement[], cap: Capability, offset: number, length: number): number {
-    list.push({ cap, offset, length });
-    cap.attached?.(this, offset);
-    return offset;
   }
 }
 

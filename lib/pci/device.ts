@@ -10,6 +10,13 @@ import type { IrqIndexInfo } from '../server/irq';
 import type { MigrationHooks } from '../server/migration';
 import { ConfigSpace, type BarOptions, type ConfigSpaceOptions } from './config-space';
 import { Command } from './ids';
+import { MsixTable } from './msix';
+import type { Capability } from './capabilities/common';
+import { MsixCapability, type MsixLocation } from './capabilities/msix';
+import { MsiCapability, type MsiVectorCount } from './capabilities/msi';
+import { PcieCapability, type PcieOptions } from './capabilities/pcie';
+import { PowerManagementCapability, type PowerManagementOptions } from './capabilities/pm';
+import type { TriggerResult } from './interrupts';
 
 /** A BAR: its config-space declaration plus how accesses are served. */
 export interface PciBar extends BarOptions {
@@ -24,9 +31,16 @@ export interface PciBar extends BarOptions {
 export interface PciDeviceOptions extends ConfigSpaceOptions {
   /** BARs by index (0..5). */
   bars?: Partial<Record<number, PciBar>>;
-  /** MSI vectors (0: no MSI) and MSI-X vectors (0: no MSI-X) the client may route. */
-  msiVectors?: number;
-  msixVectors?: number;
+  /** Power Management capability (true: defaults). */
+  pm?: boolean | PowerManagementOptions;
+  /** PCI Express capability (needs `express`; true: defaults). Its FLR resets the device. */
+  pcie?: boolean | Omit<PcieOptions, 'onFunctionLevelReset'>;
+  /** MSI capability with this many vectors (per-vector masking on). */
+  msi?: { vectors: MsiVectorCount };
+  /** MSI-X: vector count and where the table and PBA live (a BAR declared in `bars`). */
+  msix?: { vectors: number; table: MsixLocation; pba: MsixLocation };
+  /** More capabilities, placed after the built-in ones in this order. */
+  capabilities?: Capability[];
   migration?: MigrationHooks;
 }
 
@@ -36,6 +50,10 @@ export class PciDevice implements VfioUserDevice {
   readonly regions: (DeviceRegion | null)[];
   readonly irqs: IrqIndexInfo[];
   readonly migration?: MigrationHooks;
+  /** The MSI-X table and PBA, when the device has MSI-X. */
+  readonly msix: MsixTable | null = null;
+  /** The MSI capability, when the device has MSI. */
+  readonly msi: MsiCapability | null = null;
   protected ctx: DeviceContext | null = null;
   private intxLevel = false;
 
@@ -43,22 +61,68 @@ export class PciDevice implements VfioUserDevice {
     this.config = new ConfigSpace(options);
     this.migration = options.migration;
     this.regions = new Array<DeviceRegion | null>(PciRegion.NUM_FIXED).fill(null);
+    let msixCap: MsixCapability | null = null;
+    if (options.msix) {
+      // The client emulates the MSI-X table (QEMU, like kernel VFIO) and never forwards its
+      // per-vector masks: a vector the client gave an eventfd is deliverable, whatever our copy
+      // of the table says (shared/peers.md §2). Enable and function mask still come through config.
+      this.msix = new MsixTable({ vectors: options.msix.vectors, honourTableMask: false, deliver: (v) => this.deliverVector(PciIrq.MSIX, v) });
+      msixCap = new MsixCapability(this.msix, { table: options.msix.table, pba: options.msix.pba });
+    }
     for (const [key, bar] of Object.entries(options.bars ?? {})) {
       if (bar === undefined) continue;
       const index = Number(key);
       this.config.defineBar(index, bar);
-      this.regions[index] = barRegion(bar);
+      this.regions[index] = barRegion(bar, index, msixCap);
     }
     this.regions[PciRegion.CONFIG] = this.configRegion();
+    if (options.pm) this.config.addCapability(new PowerManagementCapability(options.pm === true ? {} : options.pm));
+    if (options.pcie) {
+      const pcie = options.pcie === true ? {} : options.pcie;
+      this.config.addCapability(new PcieCapability({ ...pcie, onFunctionLevelReset: () => this.functionLevelReset() }));
+    }
+    if (options.msi) {
+      this.msi = new MsiCapability({ vectors: options.msi.vectors, perVectorMasking: true, deliver: (v) => this.deliverVector(PciIrq.MSI, v) });
+      this.config.addCapability(this.msi);
+    }
+    if (msixCap) this.config.addCapability(msixCap);
+    for (const cap of options.capabilities ?? []) this.config.addCapability(cap);
     this.irqs = [
       { count: (options.interruptPin ?? 0) > 0 ? 1 : 0 },
-      { count: options.msiVectors ?? 0 },
-      { count: options.msixVectors ?? 0 },
+      { count: options.msi?.vectors ?? 0 },
+      { count: options.msix?.vectors ?? 0 },
       { count: 1 },
       { count: 1 },
     ];
     this.config.onCommandChange((command) => this.onCommand(command));
   }
+
+  /**
+   * Raise interrupt `vector` the way the guest set the function up: MSI-X if enabled, else MSI,
+   * else a pulse on INTx (models with level semantics drive {@link setIntx} themselves).
+   */
+  interrupt(vector: number): TriggerResult | 'intx' {
+    if (this.msix?.enabled) return this.msix.trigger(vector);
+    if (this.msi?.enabled) return this.msi.trigger(vector);
+    if (this.irqs[PciIrq.INTX]!.count > 0) {
+      this.setIntx(true);
+      this.setIntx(false);
+      return 'intx';
+    }
+    return 'disabled';
+  }
+
+  /** Send `vector` of `index` through the client's eventfd; false (kept pending) without one. */
+  private deliverVector(index: number, vector: number): boolean {
+    return this.ctx?.irqs.trigger(index, vector) ?? false;
+  }
+
+  private functionLevelReset(): void {
+    this.reset('flr').catch((err: unknown) => this.onResetError(err));
+  }
+
+  /** A reset hook failed after an FLR (no reply to carry the error): override to report it. */
+  protected onResetError(_err: unknown): void {}
 
   /** The client's memory; refuses DMA while bus mastering is off. */
   get dma() {
@@ -74,6 +138,7 @@ export class PciDevice implements VfioUserDevice {
   /** DEVICE_RESET, FLR, or the client went away: config space to power-on values, then the model. */
   async reset(reason: ResetReason): Promise<void> {
     this.config.reset();
+    this.msix?.reset();
     this.setIntx(false);
     if (this.ctx) this.ctx.dma.enabled = this.config.busMaster;
     await this.onReset(reason);
@@ -93,6 +158,8 @@ export class PciDevice implements VfioUserDevice {
   irqsChanged(index: number): void {
     // The client signals end-of-interrupt by unmasking INTx: a line still asserted fires again.
     if (index === PciIrq.INTX && this.intxLevel) this.signalIntx();
+    // New eventfds: vectors that were raised without one go out now.
+    if (index === PciIrq.MSIX) this.msix?.retryPending();
   }
 
   private signalIntx(): void {
@@ -121,13 +188,30 @@ export class PciDevice implements VfioUserDevice {
   }
 }
 
-function barRegion(bar: PciBar): DeviceRegion {
-  const region: DeviceRegion = {
+/** A BAR's region: the MSI-X table and PBA (if they live here) are served by the MSI-X model. */
+function barRegion(bar: PciBar, index: number, msixCap: MsixCapability | null): DeviceRegion {
+  const table = msixCap?.tableRange.bar === index ? msixCap.tableRange : null;
+  const pba = msixCap?.pbaRange.bar === index ? msixCap.pbaRange : null;
+  const msix = msixCap?.msix;
+  const within = (r: { offset: number; size: number } | null, offset: number, length: number) =>
+    r !== null && offset >= r.offset && offset + length <= r.offset + r.size;
+  const overlaps = (r: { offset: number; size: number } | null, offset: number, length: number) =>
+    r !== null && offset < r.offset + r.size && r.offset < offset + length;
+  return {
     size: bar.size,
-    flags: (bar.read || bar.mmap ? RegionInfoFlags.READ : 0) | (bar.write || bar.mmap ? RegionInfoFlags.WRITE : 0),
-    read: bar.read ? (offset, dst) => bar.read!(offset, dst) : () => Errno.EINVAL,
-    write: bar.write ? (offset, src) => bar.write!(offset, src) : () => Errno.EINVAL,
+    flags: RegionInfoFlags.READ | RegionInfoFlags.WRITE,
+    read: (offset, dst) => {
+      if (within(table, offset, dst.length)) return msix!.readTable(offset - table!.offset, dst);
+      if (within(pba, offset, dst.length)) return msix!.readPba(offset - pba!.offset, dst);
+      if (overlaps(table, offset, dst.length) || overlaps(pba, offset, dst.length) || !bar.read) return Errno.EINVAL;
+      return bar.read(offset, dst);
+    },
+    write: (offset, src) => {
+      if (within(table, offset, src.length)) return msix!.writeTable(offset - table!.offset, src);
+      if (within(pba, offset, src.length)) return msix!.writePba(offset - pba!.offset, src);
+      if (overlaps(table, offset, src.length) || overlaps(pba, offset, src.length) || !bar.write) return Errno.EINVAL;
+      return bar.write(offset, src);
+    },
     ...(bar.mmap ? { mmap: bar.mmap } : {}),
   };
-  return region;
 }

@@ -60,4 +60,4 @@ export interface VfioUserDevice {
 }
 
 /** Why a device is reset. */
-export type ResetReason = 'client' | 'lost-connection';
+export type ResetReason = 'client' | 'lost-connection' | 'flr';

@@ -6,7 +6,8 @@
 import { debuglog } from 'node:util';
 import type { EventEmitter } from 'node:events';
 import { Command, DeviceFeature, DmaUnmapFlags, Errno, ProtocolVersion, RegionInfoFlags } from '../protocol/constants';
-import { ProtocolError } from '../protocol/errors';
+import { ProtocolError, VfioUserError } from '../protocol/errors';
+import { Fd } from '../native/fd';
 import { negotiate, type Negotiated } from '../protocol/capabilities';
 import { decodeVersionRequest, encodeVersionReply, type VersionInit } from '../protocol/messages/version';
 import { decodeDmaMapRequest, decodeDmaUnmapRequest, encodeDmaUnmapReply } from '../protocol/messages/dma';
@@ -100,14 +101,24 @@ export class Session {
   readonly transport: DmaTransport & { maxTransfer: number } = {
     maxTransfer: 1024 * 1024,
     read: async (iova, length) => {
-      const reply = await this.conn.request(Command.DMA_READ, encodeDmaReadRequest({ address: BigInt(iova), count: length }));
-      const r = decodeDmaReadReply(reply.payload);
-      if (r.address !== BigInt(iova) || r.data === null || r.data.length !== length) throw new DmaError(Errno.EIO, 'DMA_READ reply does not match the request');
-      return Buffer.from(r.data);
+      try {
+        const reply = await this.conn.request(Command.DMA_READ, encodeDmaReadRequest({ address: BigInt(iova), count: length }));
+        Fd.closeAll(reply.fds); // a DMA_READ reply carries no fds (reference §1.6)
+        const r = decodeDmaReadReply(reply.payload);
+        if (r.address !== BigInt(iova) || r.data === null || r.data.length !== length) throw new DmaError(Errno.EIO, 'DMA_READ reply does not match the request');
+        return Buffer.from(r.data);
+      } catch (err) {
+        throw asDmaError(err);
+      }
     },
     write: async (iova, data) => {
-      const reply = await this.conn.request(Command.DMA_WRITE, encodeDmaWriteRequest({ address: BigInt(iova), data }));
-      decodeDmaWriteReply(reply.payload);
+      try {
+        const reply = await this.conn.request(Command.DMA_WRITE, encodeDmaWriteRequest({ address: BigInt(iova), data }));
+        Fd.closeAll(reply.fds);
+        decodeDmaWriteReply(reply.payload);
+      } catch (err) {
+        throw asDmaError(err);
+      }
     },
   };
 
@@ -317,6 +328,16 @@ export class Session {
     if (region?.mmap && size > 0 && complete) return { body, fds: [region.mmap.fd.value] };
     return body;
   }
+}
+
+/**
+ * Device DMA fails only with {@link DmaError}: the client's error reply (or a timeout, or the lost
+ * connection) keeps its errno; a reply that does not decode is EIO.
+ */
+function asDmaError(err: unknown): DmaError {
+  if (err instanceof DmaError) return err;
+  if (err instanceof VfioUserError) return new DmaError(err.errno, err.message);
+  return new DmaError(Errno.EIO, (err as Error)?.message ?? String(err));
 }
 
 /** Capabilities to advertise, as the VERSION codec wants them. */

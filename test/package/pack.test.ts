@@ -16,8 +16,18 @@ describe('npm pack + install with no compiler', () => {
 
   beforeAll(() => {
     tmp = fs.mkdtempSync(path.join(os.tmpdir(), 'vfio-user-pack-'));
+    // Pack a copy of the tracked files (a clean checkout), so prebuildify's rebuild cannot disturb
+    // the addon other test files are loading from this tree.
+    const checkout = path.join(tmp, 'checkout');
+    const tracked = execFileSync('git', ['ls-files', '-z'], { cwd: root, encoding: 'utf8' }).split('\0').filter(Boolean);
+    for (const file of tracked) {
+      if (!fs.existsSync(path.join(root, file))) continue;
+      fs.mkdirSync(path.dirname(path.join(checkout, file)), { recursive: true });
+      fs.copyFileSync(path.join(root, file), path.join(checkout, file));
+    }
+    fs.symlinkSync(path.join(root, 'node_modules'), path.join(checkout, 'node_modules'));
     // prepack compiles the TypeScript and runs prebuildify (--napi --strip) into prebuilds/.
-    const out = execFileSync('npm', ['pack', '--json', '--pack-destination', tmp], { cwd: root, encoding: 'utf8' });
+    const out = execFileSync('npm', ['pack', '--json', '--pack-destination', tmp], { cwd: checkout, encoding: 'utf8' });
     const info = JSON.parse(out.slice(out.indexOf('['))) as { filename: string; files: { path: string }[] }[];
     tarball = path.join(tmp, info[0]!.filename);
     packedFiles = info[0]!.files.map((f) => f.path);

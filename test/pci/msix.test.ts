@@ -261,13 +261,17 @@ describe('MSI-X capability in config space', () => {
     const at = (bar: number, offset: number) => ({ bar, offset });
     expect(() => spaceWithBars().addCapability(new MsixCapability(table, { table: at(2, 0), pba: at(0, 0x800) }))).toThrow(/BAR 2/);
     expect(() => spaceWithBars().addCapability(new MsixCapability(table, { table: at(1, 0), pba: at(0, 0x800) }))).toThrow(/BAR 1/);
-    expect(() => spaceWithBars().addCapability(new MsixCapability(table, { table: at(0, 0xf80), pba: at(0, 0x800) }))).toThrow(RangeError);
+    expect(() => spaceWithBars().addCapability(new MsixCapability(table, { table: at(0, 0xfc0), pba: at(0, 0x800) }))).toThrow(RangeError);
     expect(() => new MsixCapability(table, { table: at(0, 0), pba: at(0, 0x40) })).toThrow(/overlap/);
     expect(() => new MsixCapability(table, { table: at(0, 4), pba: at(0, 0x800) })).toThrow(RangeError);
     expect(() => new MsixCapability(table, { table: at(6, 0), pba: at(0, 0x800) })).toThrow(RangeError);
     const space = spaceWithBars();
-    const cap = new MsixCapability(table, { table: at(0, 0), pba: at(0, 0x800) });
+    expect(() => space.addCapability(new MsixCapability(table, { table: at(2, 0), pba: at(0, 0x800) }))).toThrow();
+    expect(space.u8(0x34)).toBe(0); // the refused capability left no trace
+    const cap = new MsixCapability(table, { table: at(0, 0xf80), pba: at(0, 0x800) });
     space.addCapability(cap);
+    expect(cap.offset).toBe(0x40);
+    expect(space.u32(cap.offset + MsixCap.TABLE)).toBe(0xf80);
     expect(space.u32(cap.offset + MsixCap.PBA)).toBe(0x800);
   });
 });

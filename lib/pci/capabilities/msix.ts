@@ -93,9 +93,7 @@ export class MsixCapability extends PlacedCapability implements Capability {
     if (touched(write, MsixCap.FLAGS, 2)) this.msix.setControl(this.enabled, this.functionMasked);
   }
 
-  reset(): void {
-    this.msix.reset();
-  }
+  reset(): void {}
 
   /** Message Control's enable bit. */
   get enabled(): boolean {

@@ -1,0 +1,360 @@
+/**
+ * Guest memory on the client side (reference §3.2, §3.3, §3.11, §3.12, §6.4).
+ *
+ * The client owns the memory a device may reach by DMA. Each range it grants is a
+ * {@link DmaMemory}: either a memfd mapped here and handed to the server with `DMA_MAP` (the server
+ * mmaps the same pages: zero-copy both ways), or a plain Buffer granted without an fd, which the
+ * server reaches with `DMA_READ`/`DMA_WRITE` messages that this module answers. Per the spec the
+ * client answers those messages for fd-backed ranges too.
+ *
+ * Server commands are checked before any byte is touched: no fds, `count` within the
+ * `max_data_xfer_size` we announced (E2BIG), the whole range inside one granted range (EFAULT), the
+ * permission granted (EPERM); a malformed payload gets EINVAL.
+ *
+ * @packageDocumentation
+ */
+import { debuglog } from 'node:util';
+import { binding } from '../native/binding';
+import { Fd } from '../native/fd';
+import { Mapping } from '../native/mapping';
+import { createMemfd } from '../native/memfd';
+import { Command, DmaMapFlags, Errno } from '../protocol/constants';
+import { ProtocolError } from '../protocol/errors';
+import { encodeDmaMapRequest, encodeDmaUnmapRequest, decodeDmaUnmapReply, decodeDmaMapReply } from '../protocol/messages/dma';
+import { AccessKind, createDmaAccess, readDmaAccess, writeDmaAccess } from '../protocol/messages/access';
+import type { Connection, IncomingMessage } from '../transport/connection';
+
+const debug = debuglog('vfio-user:client');
+
+/** Life cycle of a granted range. */
+export type DmaMemoryState = 'mapping' | 'mapped' | 'unmapping' | 'unmapped';
+
+/** Options of {@link VfioUserClient.allocateDma} and {@link VfioUserClient.mapWithoutFd}. */
+export interface DmaMapOptions {
+  /**
+   * DMA address (IOVA) of the range, a multiple of the server's smallest page size. Default: the
+   * lowest free address at or above 1 MiB.
+   */
+  iova?: number | bigint;
+  /** Grant read access only (DMA_MAP without WRITE): the device may not write. Default false. */
+  readOnly?: boolean;
+  /** Name of the memfd, shown in /proc (allocateDma only). */
+  name?: string;
+}
+
+/** @internal What the DMA table needs from the client. */
+export interface DmaCore {
+  /** Sends a command expecting no fds back; resolves with the reply payload. */
+  call(command: number, body: Uint8Array, fds: readonly number[] | null): Promise<Buffer>;
+  /** Smallest page size the server supports (alignment of iova and size). */
+  readonly pageSize: number;
+  /** Most maps the server accepts. */
+  readonly maxMaps: number;
+  /** Most fds the server accepts per message. */
+  readonly maxSendFds: number;
+  /** Largest DMA_READ/DMA_WRITE count we accept (our max_data_xfer_size). */
+  readonly maxTransfer: number;
+}
+
+/**
+ * A range of client memory the device may access by DMA.
+ *
+ * `bytes` is the memory itself: for a range from {@link VfioUserClient.allocateDma} it is a shared
+ * mapping of a memfd the server maps too (a store here is visible to the device at once, and
+ * vice versa); for {@link VfioUserClient.mapWithoutFd} it is the caller's Buffer, which the device
+ * reaches through messages. After {@link DmaMemory.unmap} the memfd mapping is gone: its views
+ * read as length 0 and `bytes` throws.
+ */
+export class DmaMemory {
+  /** First DMA address of the range. */
+  readonly iova: number;
+  /** Length in bytes (a multiple of the server's page size). */
+  readonly size: number;
+  /** {@link DmaMapFlags} READ, plus WRITE unless read-only. */
+  readonly flags: number;
+  /** True if the memory was handed to the server as an fd (zero-copy), false for message-only. */
+  readonly shared: boolean;
+  /** @internal */
+  state: DmaMemoryState = 'mapping';
+  /** @internal */
+  readonly mapping: Mapping | null;
+  /** @internal */
+  unmapping: Promise<void> | null = null;
+  readonly #buffer: Buffer | null;
+  readonly #table: DmaTable;
+
+  /** @internal Created by the client only. */
+  constructor(table: DmaTable, iova: number, size: number, flags: number, mapping: Mapping | null, buffer: Buffer | null) {
+    this.#table = table;
+    this.iova = iova;
+    this.size = size;
+    this.flags = flags;
+    this.mapping = mapping;
+    this.#buffer = buffer;
+    this.shared = mapping !== null;
+  }
+
+  /** The memory (zero-copy). Throws once an fd-backed range is unmapped. */
+  get bytes(): Buffer {
+    if (this.mapping !== null) return this.mapping.bytes;
+    return this.#buffer!;
+  }
+
+  /** True until {@link DmaMemory.unmap} (or the client) released the range. */
+  get mapped(): boolean {
+    return this.state === 'mapping' || this.state === 'mapped';
+  }
+
+  /** The device may write the range. */
+  get writable(): boolean {
+    return (this.flags & DmaMapFlags.WRITE) !== 0;
+  }
+
+  /** DMA address of byte `offset` of the range (for descriptors, PRPs, ...). */
+  iovaOf(offset = 0): number {
+    if (!Number.isInteger(offset) || offset < 0 || offset > this.size) {
+      throw new RangeError(`Expected an offset within the ${String(this.size)}-byte range, got ${String(offset)}`);
+    }
+    return this.iova + offset;
+  }
+
+  /**
+   * Withdraws the range: `DMA_UNMAP`, then the local mapping is released. Local resources are
+   * released even when the server answers with an error (e.g. ENOENT: it did not know the range),
+   * and the error is then reported. Idempotent: later calls return the same promise.
+   *
+   * @throws {VfioUserError} the server's errno, ETIMEDOUT, or ECONNRESET.
+   * @throws {ProtocolError} if the reply does not echo the range.
+   */
+  unmap(): Promise<void> {
+    return this.#table.unmap(this);
+  }
+}
+
+const AUTO_IOVA_BASE = 0x10_0000;
+const MAX_IOVA = Number.MAX_SAFE_INTEGER;
+
+/** @internal The granted ranges, sorted by iova, and the DMA_READ/DMA_WRITE service over them. */
+export class DmaTable {
+  #entries: DmaMemory[] = [];
+  readonly #access = createDmaAccess();
+  readonly #echo = Buffer.alloc(16);
+  readonly #readBody: Buffer[] = [this.#echo, this.#echo];
+
+  constructor(private readonly core: DmaCore) {}
+
+  /** Ranges currently granted (or being granted), in address order. */
+  list(): readonly DmaMemory[] {
+    return this.#entries;
+  }
+
+  async allocate(size: number, options: DmaMapOptions = {}): Promise<DmaMemory> {
+    if (!Number.isSafeInteger(size) || size < 1) throw new RangeError(`Expected a size (an integer >= 1), got ${String(size)}`);
+    if (this.core.maxSendFds < 1) throw new RangeError('the server accepts no file descriptors (max_msg_fds 0): use mapWithoutFd');
+    const length = roundUp(size, this.core.pageSize);
+    const iova = this.#place(length, options.iova);
+    const fd = createMemfd(options.name ?? `vfio-user-dma-${iova.toString(16)}`, length);
+    let mapping: Mapping;
+    try {
+      mapping = Mapping.map(fd, 0, length, binding.constants.PROT_READ | binding.constants.PROT_WRITE);
+    } catch (err) {
+      fd.close();
+      throw err;
+    }
+    const flags = DmaMapFlags.READ | (options.readOnly ? 0 : DmaMapFlags.WRITE);
+    const mem = new DmaMemory(this, iova, length, flags, mapping, null);
+    try {
+      await this.#grant(mem, fd);
+    } finally {
+      fd.close();
+    }
+    return mem;
+  }
+
+  async mapBuffer(buffer: Buffer, options: DmaMapOptions = {}): Promise<DmaMemory> {
+    if (!Buffer.isBuffer(buffer)) throw new TypeError('Expected first argument to be a Buffer');
+    const page = this.core.pageSize;
+    if (buffer.length === 0 || buffer.length % page !== 0) {
+      throw new RangeError(`Expected the buffer length to be a non-zero multiple of the ${String(page)}-byte page size, got ${String(buffer.length)}`);
+    }
+    const iova = this.#place(buffer.length, options.iova);
+    const flags = DmaMapFlags.READ | (options.readOnly ? 0 : DmaMapFlags.WRITE);
+    const mem = new DmaMemory(this, iova, buffer.length, flags, null, buffer);
+    await this.#grant(mem, null);
+    return mem;
+  }
+
+  unmap(mem: DmaMemory): Promise<void> {
+    if (mem.unmapping !== null) return mem.unmapping;
+    if (mem.state === 'unmapped') return (mem.unmapping = Promise.resolve());
+    mem.unmapping = this.#withdraw(mem);
+    return mem.unmapping;
+  }
+
+  /** Drops every range locally (the connection is gone; the server forgets them by itself). */
+  releaseAll(): void {
+    const all = this.#entries;
+    this.#entries = [];
+    for (const mem of all) this.#release(mem);
+  }
+
+  // ---- the server's DMA_READ / DMA_WRITE ----
+
+  /** Answers one server command (synchronously; `msg` is valid only during the call). */
+  serve(msg: IncomingMessage, conn: Connection): void {
+    const write = msg.command === Command.DMA_WRITE;
+    if (!write && msg.command !== Command.DMA_READ) {
+      debug('server sent command %d, which a client does not serve', msg.command);
+      conn.replyError(msg, Errno.ENOSYS);
+      return;
+    }
+    if (msg.fdCount !== 0) {
+      debug('DMA command %d carried %d fds', msg.command, msg.fdCount);
+      conn.replyError(msg, Errno.EINVAL);
+      return;
+    }
+    const a = this.#access;
+    try {
+      const view = new DataView(msg.data.buffer, msg.data.byteOffset, msg.data.byteLength);
+      readDmaAccess(view, msg.payloadOffset, msg.payloadLength, write ? AccessKind.WRITE_REQUEST : AccessKind.READ_REQUEST, a);
+    } catch (err) {
+      debug('malformed DMA command: %s', (err as Error).message);
+      conn.replyError(msg, Errno.EINVAL);
+      return;
+    }
+    if (a.count > this.core.maxTransfer) {
+      conn.replyError(msg, Errno.E2BIG);
+      return;
+    }
+    const mem = this.#find(a.address, a.count);
+    if (mem === null) {
+      debug('DMA %s of 0x%s+%d outside every granted range', write ? 'write' : 'read', a.address.toString(16), a.count);
+      conn.replyError(msg, Errno.EFAULT);
+      return;
+    }
+    if ((mem.flags & (write ? DmaMapFlags.WRITE : DmaMapFlags.READ)) === 0) {
+      conn.replyError(msg, Errno.EPERM);
+      return;
+    }
+    const start = Number(a.address) - mem.iova;
+    const bytes = mem.bytes;
+    writeDmaAccess(this.#echo, 0, { address: a.address, count: a.count });
+    if (write) {
+      bytes.set(a.data!, start);
+      conn.reply(msg, this.#echo);
+    } else {
+      this.#readBody[1] = bytes.subarray(start, start + a.count);
+      conn.reply(msg, this.#readBody);
+      this.#readBody[1] = this.#echo;
+    }
+  }
+
+  // ---- internals ----
+
+  /** The live range holding all of `[address, address + count)`, or null. */
+  #find(address: bigint, count: number): DmaMemory | null {
+    if (address > BigInt(MAX_IOVA)) return null;
+    const at = Number(address);
+    const list = this.#entries;
+    let lo = 0;
+    let hi = list.length;
+    while (lo < hi) {
+      const mid = (lo + hi) >>> 1;
+      if (list[mid]!.iova <= at) lo = mid + 1;
+      else hi = mid;
+    }
+    const mem = list[lo - 1];
+    if (mem === undefined || mem.state === 'unmapped') return null;
+    // Both sides are below 2^53 + 2^32, where the BigInt comparison is exact.
+    if (address + BigInt(count) > BigInt(mem.iova + mem.size)) return null;
+    return mem;
+  }
+
+  /** Validates or picks the iova of a new range of `length` bytes (RangeError on misuse). */
+  #place(length: number, wanted: number | bigint | undefined): number {
+    const page = this.core.pageSize;
+    if (this.#entries.length >= this.core.maxMaps) {
+      throw new RangeError(`the server accepts at most ${String(this.core.maxMaps)} DMA maps`);
+    }
+    if (wanted === undefined) {
+      let at = AUTO_IOVA_BASE;
+      for (const e of this.#entries) {
+        if (e.iova + e.size <= at) continue;
+        if (e.iova >= at + length) break;
+        at = roundUp(e.iova + e.size, page);
+      }
+      if (at + length > MAX_IOVA) throw new RangeError('no free DMA address range is large enough');
+      return at;
+    }
+    const iova = typeof wanted === 'bigint' ? (wanted <= BigInt(MAX_IOVA) ? Number(wanted) : -1) : wanted;
+    if (!Number.isSafeInteger(iova) || iova < 0 || iova + length > MAX_IOVA) {
+      throw new RangeError(`Expected iova to be an integer in [0, 2^53 - size), got ${String(wanted)}`);
+    }
+    if (iova % page !== 0) throw new RangeError(`Expected iova 0x${iova.toString(16)} to be a multiple of the ${String(page)}-byte page size`);
+    const clash = this.#entries.find((e) => e.iova < iova + length && iova < e.iova + e.size);
+    if (clash !== undefined) {
+      throw new RangeError(`DMA range 0x${iova.toString(16)}+0x${length.toString(16)} overlaps the map at 0x${clash.iova.toString(16)}+0x${clash.size.toString(16)}`);
+    }
+    return iova;
+  }
+
+  async #grant(mem: DmaMemory, fd: Fd | null): Promise<void> {
+    this.#insert(mem);
+    const body = encodeDmaMapRequest({ flags: mem.flags, offset: 0n, address: BigInt(mem.iova), size: BigInt(mem.size) });
+    try {
+      const payload = await this.core.call(Command.DMA_MAP, body, fd === null ? null : [fd.value]);
+      decodeDmaMapReply(payload);
+    } catch (err) {
+      this.#remove(mem);
+      this.#release(mem);
+      throw err;
+    }
+    if (mem.state === 'mapping') mem.state = 'mapped';
+  }
+
+  async #withdraw(mem: DmaMemory): Promise<void> {
+    // A range still being granted is withdrawn once its DMA_MAP has been answered.
+    mem.state = 'unmapping';
+    try {
+      const payload = await this.core.call(
+        Command.DMA_UNMAP,
+        encodeDmaUnmapRequest({ flags: 0, address: BigInt(mem.iova), size: BigInt(mem.size) }),
+        null,
+      );
+      // libvfio-user and our server echo the request; a header-only reply is accepted too.
+      if (payload.length > 0) {
+        const echo = decodeDmaUnmapReply(payload);
+        if (echo.address !== BigInt(mem.iova) || echo.size !== BigInt(mem.size)) {
+          throw new ProtocolError(
+            `DMA_UNMAP reply: echoes 0x${echo.address.toString(16)}+0x${echo.size.toString(16)}, not 0x${mem.iova.toString(16)}+0x${mem.size.toString(16)}`,
+            { field: 'address', errno: Errno.EPROTO },
+          );
+        }
+      }
+    } finally {
+      this.#remove(mem);
+      this.#release(mem);
+    }
+  }
+
+  #insert(mem: DmaMemory): void {
+    const list = this.#entries;
+    let i = 0;
+    while (i < list.length && list[i]!.iova < mem.iova) i++;
+    list.splice(i, 0, mem);
+  }
+
+  #remove(mem: DmaMemory): void {
+    const i = this.#entries.indexOf(mem);
+    if (i >= 0) this.#entries.splice(i, 1);
+  }
+
+  #release(mem: DmaMemory): void {
+    mem.state = 'unmapped';
+    mem.mapping?.unmapNow();
+  }
+}
+
+function roundUp(value: number, to: number): number {
+  return Math.ceil(value / to) * to;
+}
