@@ -403,15 +403,15 @@ export class ConfigSpace {
 
   /**
    * Restores power-on values, as a function-level reset does: COMMAND returns to 0 (no bus
-   * mastering, no decoding), MSI and MSI-X are disabled, BARs unprogrammed. Then tells COMMAND
-   * listeners and calls every capability's `reset` hook.
+   * mastering, no decoding), MSI and MSI-X are disabled, BARs unprogrammed. Then calls every
+   * capability's `reset` hook and, last, the COMMAND listeners, so they see a consistent device.
    */
   reset(): void {
     const commandBefore = this.command;
     this.values.set(this.defaults);
-    this.notifyCommand(commandBefore);
     for (const p of this.capabilities) p.cap.reset?.();
     for (const p of this.extendedCapabilities) p.cap.reset?.();
+    this.notifyCommand(commandBefore);
   }
 
   // --- internals -------------------------------------------------------------------------------------

@@ -114,6 +114,8 @@ export class PciDevice implements VfioUserDevice {
 
   /** Send `vector` of `index` through the client's eventfd; false (kept pending) without one. */
   private deliverVector(index: number, vector: number): boolean {
+    // MSI and MSI-X are memory writes by the function: not while bus mastering is off.
+    if (!this.config.busMaster) return false;
     return this.ctx?.irqs.trigger(index, vector) ?? false;
   }
 
@@ -169,6 +171,10 @@ export class PciDevice implements VfioUserDevice {
 
   private onCommand(command: number): void {
     if (this.ctx) this.ctx.dma.enabled = (command & Command.MASTER) !== 0;
+    if ((command & Command.MASTER) !== 0) {
+      this.msix?.retryPending();
+      this.msi?.retryPending();
+    }
     // Re-enabling INTx with the line asserted delivers it.
     if ((command & Command.INTX_DISABLE) === 0 && this.intxLevel) this.signalIntx();
   }

@@ -93,7 +93,9 @@ export class MsixCapability extends PlacedCapability implements Capability {
     if (touched(write, MsixCap.FLAGS, 2)) this.msix.setControl(this.enabled, this.functionMasked);
   }
 
-  reset(): void {}
+  reset(): void {
+    this.msix.reset();
+  }
 
   /** Message Control's enable bit. */
   get enabled(): boolean {
