@@ -134,7 +134,10 @@ function connServer() {
     const data = Buffer.from([0x78, 0x56, 0x34, 0x12]);
     const body = [echo, data];
     conn.onRequest = (msg) => {
-      msg.data.copy(echo, 0, msg.payloadOffset, msg.payloadOffset + 16);
+      // Echo the 16-byte access struct (Buffer#copy with offsets would allocate a view).
+      const d = msg.data;
+      const p = msg.payloadOffset;
+      for (let i = 0; i < 16; i += 4) echo.writeUInt32LE(d.readUInt32LE(p + i), i);
       conn.reply(msg, body);
     };
     conn.on('close', () => process.exit(0));

@@ -94,7 +94,7 @@ export class PciDevice implements VfioUserDevice {
       { count: 1 },
       { count: 1 },
     ];
-    this.config.onCommandChange((command) => this.onCommand(command));
+    this.config.onCommandChange((command, previous) => this.onCommand(command, previous));
   }
 
   /**
@@ -139,9 +139,10 @@ export class PciDevice implements VfioUserDevice {
 
   /** DEVICE_RESET, FLR, or the client went away: config space to power-on values, then the model. */
   async reset(reason: ResetReason): Promise<void> {
+    // The line goes low first: the COMMAND listener config.reset() fires must not see it high.
+    this.setIntx(false);
     this.config.reset();
     this.msix?.reset();
-    this.setIntx(false);
     if (this.ctx) this.ctx.dma.enabled = this.config.busMaster;
     await this.onReset(reason);
   }
@@ -162,6 +163,7 @@ export class PciDevice implements VfioUserDevice {
     if (index === PciIrq.INTX && this.intxLevel) this.signalIntx();
     // New eventfds: vectors that were raised without one go out now.
     if (index === PciIrq.MSIX) this.msix?.retryPending();
+    if (index === PciIrq.MSI) this.msi?.retryPending();
   }
 
   private signalIntx(): void {
@@ -169,14 +171,16 @@ export class PciDevice implements VfioUserDevice {
     this.ctx.irqs.trigger(PciIrq.INTX, 0);
   }
 
-  private onCommand(command: number): void {
+  private onCommand(command: number, previous: number): void {
     if (this.ctx) this.ctx.dma.enabled = (command & Command.MASTER) !== 0;
     if ((command & Command.MASTER) !== 0) {
       this.msix?.retryPending();
       this.msi?.retryPending();
     }
-    // Re-enabling INTx with the line asserted delivers it.
-    if ((command & Command.INTX_DISABLE) === 0 && this.intxLevel) this.signalIntx();
+    // Re-enabling INTx (INTX_DISABLE 1 -> 0) with the line asserted delivers it; other COMMAND
+    // writes leave INTx alone.
+    const reenabled = (previous & Command.INTX_DISABLE) !== 0 && (command & Command.INTX_DISABLE) === 0;
+    if (reenabled && this.intxLevel) this.signalIntx();
   }
 
   private configRegion(): DeviceRegion {

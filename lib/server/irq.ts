@@ -155,13 +155,13 @@ export class IrqTable {
     if (irq === undefined) return Errno.EINVAL;
     const data = req.flags & IrqSetFlags.DATA_TYPE_MASK;
     const action = req.flags & IrqSetFlags.ACTION_TYPE_MASK;
-    // count 0 is only meaningful as "disable everything" (NONE|TRIGGER).
-    if (req.count === 0) return data === IrqSetFlags.DATA_NONE && action === IrqSetFlags.ACTION_TRIGGER && fdCount === 0 ? 0 : Errno.EINVAL;
+    // count 0 is only meaningful as "disable everything" (NONE|TRIGGER, start 0).
+    if (req.count === 0) return data === IrqSetFlags.DATA_NONE && action === IrqSetFlags.ACTION_TRIGGER && req.start === 0 && fdCount === 0 ? 0 : Errno.EINVAL;
     if (req.start >= irq.count || req.count > irq.count - req.start) return Errno.EINVAL;
+    // ERR and REQ can only be triggered, eventfd registrations included (reference §3.8, §4.4).
+    if ((req.index === PciIrq.ERR || req.index === PciIrq.REQ) && action !== IrqSetFlags.ACTION_TRIGGER) return Errno.EINVAL;
     if (data === IrqSetFlags.DATA_EVENTFD) return fdCount === 0 || fdCount === req.count ? 0 : Errno.EINVAL;
     if (fdCount !== 0) return Errno.EINVAL;
-    // ERR and REQ can only be triggered (reference §4.4).
-    if ((req.index === PciIrq.ERR || req.index === PciIrq.REQ) && action !== IrqSetFlags.ACTION_TRIGGER) return Errno.EINVAL;
     return 0;
   }
 }

@@ -16,7 +16,7 @@ import { binding } from '../native/binding';
 import { Fd } from '../native/fd';
 import { Defaults, Errno } from '../protocol/constants';
 import type { CapabilitiesInput } from '../protocol/capabilities';
-import { Connection } from '../transport/connection';
+import { Connection, type IncomingMessage } from '../transport/connection';
 import type { ResetReason, VfioUserDevice } from './device';
 import { DmaSpace } from './dma';
 import { IrqTable } from './irq';
@@ -51,6 +51,12 @@ export interface VfioUserServerEvents {
   error: [error: unknown];
 }
 
+/** A client that connected while another was served, and what it sent so far. */
+interface Newcomer {
+  conn: Connection;
+  held: IncomingMessage[];
+}
+
 export class VfioUserServer extends EventEmitter implements ServerCore {
   readonly dma: DmaSpace;
   readonly irqs: IrqTable;
@@ -61,7 +67,10 @@ export class VfioUserServer extends EventEmitter implements ServerCore {
   private session: Session | null = null;
   /** Settles when the last client's state has been dropped. */
   private cleanup: Promise<void> = Promise.resolve();
-  private waiting: Fd[] = [];
+  /** Clients that connected while the previous one's state was still being dropped. */
+  private waiting: (Fd | Newcomer)[] = [];
+  /** Clients that connected while another was served and are not yet answered. */
+  private readonly newcomers = new Set<Connection>();
   private closing: Promise<void> | null = null;
 
   private constructor(
@@ -135,7 +144,11 @@ export class VfioUserServer extends EventEmitter implements ServerCore {
       } catch {
         // already gone
       }
-      Fd.closeAll(this.waiting.splice(0));
+      for (const w of this.waiting.splice(0)) {
+        if (w instanceof Fd) w.close();
+        else w.conn.close();
+      }
+      for (const conn of [...this.newcomers]) conn.close();
       this.session?.conn.close();
       await this.cleanup;
       await this.device.close?.();
@@ -155,36 +168,70 @@ export class VfioUserServer extends EventEmitter implements ServerCore {
       if (raw < 0) return;
       const fd = new Fd(raw);
       if (this.session === null && this.waiting.length === 0) this.startSession(fd);
-      else if (this.session !== null && this.session.conn.state === 'open') this.turnAway(fd);
+      else if (this.session !== null && this.session.conn.state === 'open') this.newcomer(fd);
       else this.waiting.push(fd); // the previous client's state is still being dropped
     }
   }
 
-  private startSession(fd: Fd): void {
-    const conn = new Connection(fd, {
-      name: 'client',
+  private connection(fd: Fd, name: string): Connection {
+    return new Connection(fd, {
+      name,
       maxRecvFds: this.options.maxMsgFds ?? 16,
       requestTimeoutMs: this.options.requestTimeoutMs ?? 5000,
       firstMsgId: 1,
     });
+  }
+
+  private startSession(next: Fd | Newcomer): void {
+    const conn = next instanceof Fd ? this.connection(next, 'client') : next.conn;
     const session = new Session(conn, this);
     this.session = session;
     this.dma.transport = session.transport;
     conn.on('close', (err: Error | null) => this.endSession(session, err));
     this.emit('connect');
+    if (next instanceof Fd) return;
+    // What the newcomer sent while it waited, in order.
+    this.newcomers.delete(conn);
+    for (const msg of next.held.splice(0)) {
+      if (conn.state === 'open') conn.onRequest?.(msg, conn);
+      msg.closeFds();
+    }
   }
 
-  /** One client at a time: answer the newcomer's first message with EBUSY, then hang up. */
-  private turnAway(fd: Fd): void {
-    const conn = new Connection(fd, { name: 'rejected' });
+  /**
+   * One client at a time. A client that connects while another is served is answered when it
+   * speaks, after the event-loop turn in which its message arrived: if the current client is
+   * still there it gets EBUSY and is hung up on; if the current client's hang-up was read in the
+   * meantime (both can be pending at once), it waits for the cleanup and is served.
+   */
+  private newcomer(fd: Fd): void {
+    const conn = this.connection(fd, 'newcomer');
+    const waiter: Newcomer = { conn, held: [] };
+    this.newcomers.add(conn);
     const timer = setTimeout(() => conn.close(), 2000);
     timer.unref();
-    conn.onRequest = (msg, c) => {
-      c.replyError(msg, Errno.EBUSY);
-      setImmediate(() => c.close());
+    conn.on('close', () => {
+      clearTimeout(timer);
+      this.newcomers.delete(conn);
+      this.waiting = this.waiting.filter((w) => w !== waiter);
+      for (const msg of waiter.held.splice(0)) msg.closeFds();
+    });
+    conn.onRequest = (msg) => {
+      waiter.held.push(msg.detach());
+      if (waiter.held.length > 1) return;
+      setImmediate(() => {
+        if (conn.state !== 'open' || this.closing !== null) return;
+        if (this.session !== null && this.session.conn.state === 'open') {
+          conn.replyError(waiter.held[0]!, Errno.EBUSY);
+          this.emit('reject');
+          setImmediate(() => conn.close());
+          return;
+        }
+        clearTimeout(timer);
+        if (this.session === null && this.waiting.length === 0) this.startSession(waiter);
+        else this.waiting.push(waiter);
+      });
     };
-    conn.on('close', () => clearTimeout(timer));
-    this.emit('reject');
   }
 
   private endSession(session: Session, error: Error | null): void {
@@ -193,10 +240,12 @@ export class VfioUserServer extends EventEmitter implements ServerCore {
       this.irqs.clear();
       this.dma.transport = null;
       try {
-        // The device stops its I/O first, so the unmaps below need not wait on it.
-        await this.resetDevice('lost-connection');
+        // The device stops its I/O first, so the unmaps below need not wait on it. A connection
+        // that never negotiated (e.g. a liveness probe) cannot have changed anything.
+        if (session.negotiated !== null) await this.resetDevice('lost-connection');
       } catch (err) {
-        this.emit('error', err);
+        // Without a listener, emit('error') would throw and skip the rest of the cleanup.
+        if (this.listenerCount('error') > 0) this.emit('error', err);
       }
       await this.dma.removeAll();
       this.dma.stopLogging();

@@ -5,7 +5,7 @@
  */
 import { debuglog } from 'node:util';
 import type { EventEmitter } from 'node:events';
-import { Command, DeviceFeature, DmaUnmapFlags, Errno, ProtocolVersion, RegionInfoFlags } from '../protocol/constants';
+import { Command, DeviceFeature, DmaUnmapFlags, Errno, MigState, ProtocolVersion, RegionInfoFlags } from '../protocol/constants';
 import { ProtocolError, VfioUserError } from '../protocol/errors';
 import { Fd } from '../native/fd';
 import { negotiate, type Negotiated } from '../protocol/capabilities';
@@ -69,6 +69,14 @@ export type HandlerResult = number | Body | { body: Body; fds: readonly number[]
 type Handler = (s: Session, msg: IncomingMessage) => HandlerResult | Promise<HandlerResult>;
 
 const REGION_ACCESS = 16;
+
+/** Copy a 16-byte region-access struct. (Buffer#copy with offsets allocates a view per call.) */
+function copyAccess(src: Buffer, at: number, dst: Buffer): void {
+  dst.writeUInt32LE(src.readUInt32LE(at), 0);
+  dst.writeUInt32LE(src.readUInt32LE(at + 4), 4);
+  dst.writeUInt32LE(src.readUInt32LE(at + 8), 8);
+  dst.writeUInt32LE(src.readUInt32LE(at + 12), 12);
+}
 /** Largest fixed part of any request (a REGION_WRITE's 16 bytes); above data + this: refuse. */
 const MAX_FIXED = 64;
 
@@ -263,6 +271,7 @@ export class Session {
     if (region == null || region.size === 0 || hi >= 0x20_0000) return Errno.EINVAL;
     if (count > this.negotiatedXfer || offset + count > region.size) return Errno.EINVAL;
     if ((region.flags & (write ? RegionInfoFlags.WRITE : RegionInfoFlags.READ)) === 0) return Errno.EINVAL;
+    if (this.core.migration?.state === MigState.STOP_COPY) return Errno.EINVAL; // would change the saved state (§5.7)
     if (write ? msg.payloadLength !== REGION_ACCESS + count : msg.payloadLength !== REGION_ACCESS) return Errno.EINVAL;
     this.accessOffset = offset;
     this.accessCount = count;
@@ -276,7 +285,7 @@ export class Session {
     const region = this.regionFor(msg, false);
     if (typeof region === 'number') return region;
     const count = this.accessCount;
-    msg.data.copy(this.echo, 0, msg.payloadOffset, msg.payloadOffset + REGION_ACCESS);
+    copyAccess(msg.data, msg.payloadOffset, this.echo);
     if (region.read === undefined) return Errno.EINVAL;
     if (count > this.readBuf.length) {
       this.readBuf = Buffer.alloc(Math.max(count, this.readBuf.length * 2));
@@ -297,7 +306,7 @@ export class Session {
     if (region.write === undefined) return Errno.EINVAL;
     const start = msg.payloadOffset + REGION_ACCESS;
     const r = region.write(this.accessOffset, msg.data.subarray(start, start + this.accessCount));
-    msg.data.copy(this.echo, 0, msg.payloadOffset, msg.payloadOffset + REGION_ACCESS);
+    copyAccess(msg.data, msg.payloadOffset, this.echo);
     if (r instanceof Promise) return r.then((errno) => errno || this.echo);
     return r || this.echo;
   }
@@ -410,7 +419,7 @@ const HANDLERS: Partial<Record<number, Handler>> = {
   [Command.REGION_WRITE]: (s, msg) => s.regionWrite(msg),
 
   [Command.REGION_WRITE_MULTI]: async (s, msg) => {
-    if (!s.core.writeMultiple) return Errno.EINVAL;
+    if (!s.core.writeMultiple || s.core.migration?.state === MigState.STOP_COPY) return Errno.EINVAL;
     const req = decodeRegionWriteMultiRequest(msg.payload);
     // Decode everything first: the message buffer is not ours after the first await.
     const writes = req.wrs.map((w) => ({ offset: w.offset, region: w.region, data: Buffer.from(w.data) }));
@@ -490,6 +499,9 @@ async function deviceFeature(s: Session, msg: IncomingMessage): Promise<HandlerR
       return echo();
     case DeviceFeature.DMA_LOGGING_REPORT: {
       const r = decodeDmaLoggingReportRequest(req.data);
+      // Check the reply fits before reading: a report clears the bits it returns.
+      const bitmapBytes = (((r.length + r.pageSize - 1n) / r.pageSize + 63n) / 64n) * 8n;
+      if (BigInt(req.argsz) < 8n + 24n + bitmapBytes) return Errno.EINVAL;
       const bitmap = s.core.dma.report(Number(r.iova), Number(r.length), Number(r.pageSize));
       if (typeof bitmap === 'number') return bitmap;
       return get(Buffer.concat([req.data.subarray(0, 24), bitmap]));

@@ -154,9 +154,12 @@ interface Queued {
 }
 
 const MSG_ID_SLOTS = 0x10000;
-const SWEEP_INTERVAL_MS = 10;
+/** Timeouts are checked every requestTimeoutMs / 8, within these bounds. */
+const MIN_SWEEP_MS = 5;
+const MAX_SWEEP_MS = 500;
 const MAX_READS_PER_WAKEUP = 64;
 const MAX_IOV = 8;
+
 
 function closeRaw(fd: number): void {
   try {
@@ -193,16 +196,18 @@ export class Connection extends EventEmitter {
   private pendingHead: Pending | null = null;
   private pendingTail: Pending | null = null;
   private pendingCount = 0;
-  private freePending: Pending[] = [];
+  /** Retired request records, linked through `next` (an array's pop/push would reallocate). */
+  private freePending: Pending | null = null;
   private nextMsgId: number;
 
   private readonly sendQueue: Queued[] = [];
   private queuedBytes = 0;
   private watching = 0;
   private sweepTimer: NodeJS.Timeout | null = null;
-  private sweepArmed = false;
   /** Sweeps run so far: the timeout clock (it only needs to advance while requests are pending). */
   private ticks = 0;
+  /** Sweep period; coarse on purpose: a timer firing often costs the hot path (measured). */
+  private readonly sweepMs: number;
   private closeError: Error | null = null;
 
   /** Takes ownership of `socket` (a connected, non-blocking unix stream socket). */
@@ -213,6 +218,7 @@ export class Connection extends EventEmitter {
     this.maxRecvFds = options.maxRecvFds ?? 16;
     this.maxSendFds = options.maxSendFds ?? 1;
     this.requestTimeoutMs = options.requestTimeoutMs ?? 5000;
+    this.sweepMs = Math.min(MAX_SWEEP_MS, Math.max(MIN_SWEEP_MS, Math.floor(this.requestTimeoutMs / 8)));
     this.highWaterMark = options.highWaterMark ?? 1024 * 1024;
     this.nextMsgId = (options.firstMsgId ?? 0) & 0xffff;
     this.name = options.name ?? `fd${socket.value}`;
@@ -277,10 +283,13 @@ export class Connection extends EventEmitter {
       return -1;
     }
     const msgId = this.allocMsgId();
-    const p = this.freePending.pop() ?? { msgId: 0, command: 0, deadline: 0, callback: null, prev: null, next: null };
+    let p = this.freePending;
+    if (p !== null) this.freePending = p.next;
+    else p = { msgId: 0, command: 0, deadline: 0, callback: null, prev: null, next: null };
     p.msgId = msgId;
     p.command = command;
-    p.deadline = this.ticks + Math.ceil((timeoutMs ?? this.requestTimeoutMs) / SWEEP_INTERVAL_MS);
+    // +1: the current tick is partly over already, so a deadline never comes early.
+    p.deadline = this.ticks + 1 + (((timeoutMs ?? this.requestTimeoutMs) + this.sweepMs - 1) / this.sweepMs | 0);
     p.callback = callback;
     this.linkPending(p);
     this.armSweep();
@@ -326,7 +335,8 @@ export class Connection extends EventEmitter {
     if (error) debug('%s: closing: %s', this.name, error.message);
     this.poller.close();
     this.socket.close();
-    if (this.sweepTimer !== null) clearTimeout(this.sweepTimer);
+    if (this.sweepTimer !== null) clearInterval(this.sweepTimer);
+    this.sweepTimer = null;
     this.sendQueue.length = 0;
     this.queuedBytes = 0;
     for (const fd of this.framer.drainFds()) closeRaw(fd);
@@ -602,24 +612,25 @@ export class Connection extends EventEmitter {
     if (p.next !== null) p.next.prev = p.prev;
     else this.pendingTail = p.prev;
     p.callback = null;
-    p.prev = p.next = null;
-    this.freePending.push(p);
+    p.prev = null;
+    p.next = this.freePending;
+    this.freePending = p;
     return cb;
   }
 
+  /**
+   * Timeouts are swept by one interval timer that runs only while requests are pending. It is
+   * started on the first request after an idle spell and stops itself once nothing is pending, so
+   * a busy connection never touches the timer machinery per request. A request times out between
+   * its timeout and its timeout plus two sweep periods (requestTimeoutMs / 8 each).
+   */
   private armSweep(): void {
-    if (this.sweepArmed) return;
-    this.sweepArmed = true;
-    if (this.sweepTimer === null) {
-      this.sweepTimer = setTimeout(() => this.sweep(), SWEEP_INTERVAL_MS);
-      this.sweepTimer.unref();
-    } else {
-      this.sweepTimer.refresh();
-    }
+    if (this.sweepTimer !== null) return;
+    this.sweepTimer = setInterval(() => this.sweep(), this.sweepMs);
+    this.sweepTimer.unref();
   }
 
   private sweep(): void {
-    this.sweepArmed = false;
     if (this.state !== 'open') return;
     const now = ++this.ticks;
     // Deadlines are not strictly ordered (per-request timeouts differ), so look at all of them.
@@ -633,7 +644,10 @@ export class Connection extends EventEmitter {
       }
       p = next;
     }
-    if (this.pendingCount > 0) this.armSweep();
+    if (this.pendingCount === 0 && this.sweepTimer !== null) {
+      clearInterval(this.sweepTimer);
+      this.sweepTimer = null;
+    }
   }
 
   private fail(error: Error): void {

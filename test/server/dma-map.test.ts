@@ -305,7 +305,7 @@ describe('DMA_MAP: maps without an fd go through DMA_READ / DMA_WRITE', () => {
     client.conn.onRequest = (msg, c) => c.reply(msg, reply(msg.payload));
     expect(await client.msg(Command.DMA_MAP, dmaMap(RW, 0, PAGE))).toBeInstanceOf(Buffer);
     expect(await dmaErrno(() => dmaOf(device).read(0, Buffer.alloc(4)))).toBe(Errno.EIO);
-    reply = (p) => [u64(8), u64(4), Buffer.alloc(4)]; // another address
+    reply = () => [u64(8), u64(4), Buffer.alloc(4)]; // another address
     expect(await dmaErrno(() => dmaOf(device).read(0, Buffer.alloc(4)))).toBe(Errno.EIO);
     reply = (p) => [p.subarray(0, 8), u64(2), Buffer.alloc(2)]; // fewer bytes
     expect(await dmaErrno(() => dmaOf(device).read(0, Buffer.alloc(4)))).toBe(Errno.EIO);

@@ -45,11 +45,9 @@ export interface Setup<D extends VfioUserDevice> {
 }
 
 /** A server for `device` and a raw client that negotiated like QEMU (unless `negotiate` is false). */
-export async function setup<D extends VfioUserDevice = TestDevice>(
-  device?: D,
-  options: ServerOptions = {},
-  negotiate = true,
-): Promise<Setup<D>> {
+export async function setup(device?: undefined, options?: ServerOptions, negotiate?: boolean): Promise<Setup<TestDevice>>;
+export async function setup<D extends VfioUserDevice>(device: D, options?: ServerOptions, negotiate?: boolean): Promise<Setup<D>>;
+export async function setup<D extends VfioUserDevice>(device?: D, options: ServerOptions = {}, negotiate = true): Promise<Setup<D>> {
   const s = await startServer(device ?? new TestDevice(), options);
   defer(s.stop);
   const client = await rawClient(s.socketPath, negotiate);
@@ -57,8 +55,16 @@ export async function setup<D extends VfioUserDevice = TestDevice>(
   return { server: s.server, socketPath: s.socketPath, device: s.device as D, client };
 }
 
+interface Served<D> {
+  server: VfioUserServer;
+  socketPath: string;
+  device: D;
+}
+
 /** A server for `device` with no client yet. */
-export async function serve<D extends VfioUserDevice = TestDevice>(device?: D, options: ServerOptions = {}) {
+export async function serve(device?: undefined, options?: ServerOptions): Promise<Served<TestDevice>>;
+export async function serve<D extends VfioUserDevice>(device: D, options?: ServerOptions): Promise<Served<D>>;
+export async function serve<D extends VfioUserDevice>(device?: D, options: ServerOptions = {}): Promise<Served<D>> {
   const s = await startServer(device ?? new TestDevice(), options);
   defer(s.stop);
   return { server: s.server, socketPath: s.socketPath, device: s.device as D };
@@ -225,6 +231,16 @@ export class RawSocket {
   send(bytes: Uint8Array, fds: number[] | null = null): void {
     const n = binding.sendmsg(this.fd.value, [bytes], fds);
     expect(n).toBe(bytes.length);
+  }
+
+  /** Send `bytes` however many sendmsg calls it takes (for messages larger than the socket buffer). */
+  async sendAll(bytes: Uint8Array): Promise<void> {
+    let sent = 0;
+    while (sent < bytes.length) {
+      const n = binding.sendmsg(this.fd.value, [bytes.subarray(sent)]);
+      if (n === WOULD_BLOCK) await sleep(1);
+      else sent += n;
+    }
   }
 
   /** The next whole message, or null at end of stream; rejects after `timeoutMs`. */

@@ -42,9 +42,9 @@ const Reg = {
 const Status = { LOW_CHANGED: 0x1, HIGH_CHANGED: 0x2, ASSERTED: 0x4 } as const;
 
 export interface Idio16Events {
-  /** The guest changed the outputs (16-bit value, bit n = OUTn). */
+  /** The outputs changed: a guest write, or a reset (16-bit value, bit n = OUTn). */
   outputs: [value: number];
-  /** The guest enabled or disabled the change-of-state interrupt. */
+  /** The change-of-state interrupt was enabled or disabled (by the guest, or by a reset). */
   irq: [enabled: boolean];
 }
 
@@ -101,10 +101,11 @@ export class Idio16Device extends PciDevice {
   }
 
   protected override onReset(_reason: ResetReason): void {
-    this.outputValue = 0;
-    this.irqEnabled = false;
     this.filtersActive = false;
     this.status = 0;
+    // Through the setters, so observers (e.g. `vfio-user serve gpio`) see the outputs drop to 0.
+    this.enableIrq(false);
+    this.setOutputs(0);
   }
 
   private readRegister(offset: number): number {

@@ -1,0 +1,32 @@
+/**
+ * The client side of vfio-user (the VMM): {@link VfioUserClient} and what it hands out.
+ *
+ * @packageDocumentation
+ */
+export {
+  VfioUserClient,
+  ClientLimits,
+  type ClientOptions,
+  type CallOptions,
+  type DeviceSummary,
+  type VfioUserClientEvents,
+  type WriteOptions,
+} from './client';
+export { DmaMemory, type DmaMapOptions, type DmaMemoryState } from './dma';
+export { IrqChannels, MAX_IRQ_VECTORS, type IrqEvent, type IrqEventsOptions, type IrqIndexInfo } from './irqs';
+export { MappedRegion, type MappedArea, type RegionArea, type RegionInfo } from './regions';
+export {
+  PciFunction,
+  MsixRegs,
+  parseConfigHeader,
+  parseMsixCapability,
+  walkCapabilities,
+  walkExtendedCapabilities,
+  type BarInfo,
+  type EnableOptions,
+  type MsixEntry,
+  type MsixInfo,
+  type PciCapability,
+  type PciExtendedCapability,
+  type PciHeader,
+} from './pci';
