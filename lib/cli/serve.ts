@@ -25,7 +25,7 @@ Options:
 gpio control (stdin, one JSON object per line):
   {"inputs": 4660}       set the 16 inputs (interrupts the guest on change if it enabled IRQs)
   {"get": "outputs"}     print {"outputs": N}; {"get": "state"} prints inputs, outputs, irq
-  Output changes by the guest are printed as {"event": "outputs", "value": N}.`;
+  Output changes (by the guest, or 0 on a device reset) are printed as {"event": "outputs", "value": N}.`;
 
 export const serveCommand: CliCommand = {
   name: 'serve',
