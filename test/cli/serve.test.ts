@@ -1,0 +1,91 @@
+/**
+ * The `vfio-user` command as a user runs it: the compiled CLI (npm test builds dist/ first).
+ */
+import { describe, it, expect } from 'vitest';
+import { spawn, spawnSync } from 'node:child_process';
+import * as fs from 'node:fs';
+import * as path from 'node:path';
+import * as readline from 'node:readline';
+import { rawClient, regionAccess, tempSocketPath } from '../helpers/server';
+import { Command } from '../../lib/protocol/constants';
+
+const cli = path.join(__dirname, '..', '..', 'dist', 'cli', 'main.js');
+const run = (...args: string[]) => spawnSync(process.execPath, [cli, ...args], { encoding: 'utf8', timeout: 10_000 });
+
+describe('vfio-user (CLI)', () => {
+  it('refuses an unknown command with usage and exit code 2', () => {
+    const r = run('frobnicate');
+    expect(r.status).toBe(2);
+    expect(r.stderr).toMatch(/unknown command 'frobnicate'/);
+  });
+
+  it('refuses an unknown device and a missing socket with exit code 2', () => {
+    expect(run('serve', 'toaster', '/tmp/x.sock').status).toBe(2);
+    expect(run('serve', 'gpio').status).toBe(2);
+    expect(run('serve', 'gpio', '/tmp/x.sock', '--bogus').status).toBe(2);
+  });
+
+  it('has --help for the program and for serve', () => {
+    const top = run('--help');
+    expect(top.status).toBe(0);
+    expect(top.stdout).toMatch(/serve/);
+    const serve = run('serve', '--help');
+    expect(serve.status).toBe(0);
+    for (const option of ['--size', '--file', '--queues', '--block-size', '--serial', '--model', '--trace', '--json']) {
+      expect(serve.stdout).toContain(option);
+    }
+  });
+
+  it('says clearly that serve nvme is not implemented yet (exit 1)', () => {
+    const r = run('serve', 'nvme', '/tmp/nvme-test.sock', '--size', '1G');
+    expect(r.status).toBe(1);
+    expect(r.stderr).toMatch(/not implemented yet/);
+  });
+
+  it('serves gpio: JSON ready line, stdin control, region access from a client, clean SIGTERM', async () => {
+    const { dir, path: socket } = tempSocketPath('gpio.sock');
+    const child = spawn(process.execPath, [cli, 'serve', 'gpio', socket, '--json'], { stdio: ['pipe', 'pipe', 'inherit'] });
+    const lines = readline.createInterface({ input: child.stdout! });
+    const queue: Record<string, unknown>[] = [];
+    const waiters: ((v: Record<string, unknown>) => void)[] = [];
+    lines.on('line', (l) => {
+      const v = JSON.parse(l) as Record<string, unknown>;
+      const w = waiters.shift();
+      if (w) w(v);
+      else queue.push(v);
+    });
+    const next = () => new Promise<Record<string, unknown>>((res) => (queue.length ? res(queue.shift()!) : waiters.push(res)));
+    try {
+      const ready = await next();
+      expect(ready).toMatchObject({ event: 'ready', device: 'gpio', socket });
+      expect(String(ready.qemu)).toContain('"driver":"vfio-user-pci"');
+      expect(fs.statSync(socket).mode & 0o777).toBe(0o600);
+
+      child.stdin!.write('{"inputs": 4660}\n');
+      expect(await next()).toEqual({ inputs: 4660 });
+
+      const client = await rawClient(socket);
+      expect(await next()).toEqual({ event: 'connect' });
+      // BAR2 offset 1 / 5: inputs 0-7 and 8-15 as the guest would read them.
+      const r = (await client.msg(Command.REGION_READ, regionAccess(2, 1, 1))) as Buffer;
+      expect(r[16]).toBe(4660 & 0xff);
+      await client.msg(Command.REGION_WRITE, regionAccess(2, 4, 1, Buffer.from([0x81])));
+      expect(await next()).toEqual({ event: 'outputs', value: 0x8100 });
+      client.close();
+      // The hang-up resets the card (outputs back to 0), then the disconnect is reported.
+      expect(await next()).toEqual({ event: 'outputs', value: 0 });
+      expect(await next()).toMatchObject({ event: 'disconnect' });
+
+      child.stdin!.write('{"get": "state"}\n');
+      expect(await next()).toMatchObject({ inputs: 4660, outputs: 0 });
+      child.stdin!.write('not json\n');
+      expect(await next()).toEqual({ error: 'not JSON' });
+    } finally {
+      child.kill('SIGTERM');
+      const code = await new Promise<number | null>((res) => child.on('exit', res));
+      expect(code).toBe(0);
+      expect(fs.existsSync(socket)).toBe(false);
+      fs.rmSync(dir, { recursive: true, force: true });
+    }
+  });
+});
