@@ -4,6 +4,7 @@
  * module and exports a {@link CliCommand}.
  */
 import { parseArgs, type ParseArgsConfig } from 'node:util';
+import { infoCommand } from './info';
 import { serveCommand } from './serve';
 
 export interface CliCommand {
@@ -14,7 +15,7 @@ export interface CliCommand {
   run(positionals: string[], values: Record<string, string | boolean | undefined>): Promise<number>;
 }
 
-const COMMANDS: CliCommand[] = [serveCommand];
+const COMMANDS: CliCommand[] = [serveCommand, infoCommand];
 
 function mainHelp(): string {
   const width = Math.max(...COMMANDS.map((c) => c.name.length));
