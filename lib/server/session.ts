@@ -208,7 +208,7 @@ export class Session {
 
   private dispatch(msg: IncomingMessage): HandlerResult | Promise<HandlerResult> {
     if (this.negotiated === null) {
-      if (false) {
+      if (msg.command !== Command.VERSION) {
         debug('command %d before VERSION: closing', msg.command);
         this.conn.replyError(msg, Errno.EINVAL);
         this.conn.close(new ProtocolError(`command ${msg.command} before VERSION`));
