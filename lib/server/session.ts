@@ -5,7 +5,7 @@
  */
 import { debuglog } from 'node:util';
 import type { EventEmitter } from 'node:events';
-import { Command, DeviceFeature, DmaUnmapFlags, Errno, MigState, ProtocolVersion, RegionInfoFlags } from '../protocol/constants';
+import { Command, DeviceFeature, DeviceFlags, DmaUnmapFlags, Errno, MigState, ProtocolVersion, RegionInfoFlags } from '../protocol/constants';
 import { ProtocolError, VfioUserError } from '../protocol/errors';
 import { Fd } from '../native/fd';
 import { negotiate, type Negotiated } from '../protocol/capabilities';
@@ -326,7 +326,9 @@ export class Session {
     const caps: RegionCapability[] = [];
     if (region?.type) caps.push(typeCap(region.type.type, region.type.subtype));
     let flags = size === 0 ? 0 : region!.flags & (RegionInfoFlags.READ | RegionInfoFlags.WRITE);
-    if (region?.mmap && size > 0) {
+    // A client that accepts no fds cannot map anything: describe the region as message-only.
+    const mappable = region?.mmap !== undefined && size > 0 && this.conn.maxSendFds >= 1;
+    if (mappable) {
       flags |= RegionInfoFlags.MMAP;
       caps.push(sparseMmapCap(region.mmap.areas.map((a) => ({ offset: BigInt(a.offset), size: BigInt(a.size) }))));
     }
@@ -334,7 +336,7 @@ export class Session {
     const body = encodeRegionInfoReply(info, req.argsz);
     // The fd goes with the capability chain only, exactly one (QEMU 11.1 breaks on more).
     const complete = body.readUInt32LE(0) <= req.argsz;
-    if (region?.mmap && size > 0 && complete) return { body, fds: [region.mmap.fd.value] };
+    if (mappable && complete) return { body, fds: [region!.mmap!.fd.value] };
     return body;
   }
 }
@@ -437,6 +439,7 @@ const HANDLERS: Partial<Record<number, Handler>> = {
 
   [Command.DEVICE_RESET]: async (s, msg) => {
     decodeDeviceResetRequest(msg.payload);
+    if ((s.device.flags & DeviceFlags.RESET) === 0) return Errno.EINVAL;
     await s.core.resetDevice('client');
     return 0;
   },
