@@ -503,9 +503,14 @@ export class Connection extends EventEmitter {
         this.close(partial ? new VfioUserError(Errno.ECONNRESET, 0, 0, 'peer closed the connection mid-message') : null);
         return;
       }
+      const drained = n < framer.writable;
       framer.commit(n, fds);
       this.closeStrayFds();
       this.dispatchAll();
+      // A short read took everything queued (a stream socket fills the buffer when it can), so
+      // skip the recvmsg that would only say EAGAIN; the level-triggered poll calls again if more
+      // arrived meanwhile, or if the read stopped early at an fd-carrying message.
+      if (drained) return;
     }
   }
 
