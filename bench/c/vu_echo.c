@@ -10,7 +10,10 @@
  *                                    "max_data_xfer_size":1048576}} + NUL, never
  *                                    longer than the request
  *   DEVICE_GET_INFO               -> argsz 16, flags PCI|RESET, 9 regions, 5 IRQs
+ *   DEVICE_GET_REGION_INFO        -> region 7 (config) 256 bytes READ|WRITE, others size 0
+ *   DEVICE_GET_IRQ_INFO           -> count 0 for every index
  *   REGION_READ                   -> echo + `count` bytes of a fixed pattern
+ *   REGION_WRITE                  -> echo (data discarded)
  *   anything else                 -> EINVAL error reply (nothing if No_reply is set)
  * Requests are read with a buffered recv loop; each reply goes out with one send().
  * Exits 0 on SIGTERM/SIGINT (removing SOCKET) and 1 on a protocol or I/O error.
@@ -167,6 +170,39 @@ int main(int argc, char **argv)
             vu_put32(r + 20, DEV_FLAGS);
             vu_put32(r + 24, NUM_REGIONS);
             vu_put32(r + 28, NUM_IRQS);
+            reply(fd, r, sizeof r);
+            continue;
+        }
+
+        /* Fixed answers to the bring-up queries, so any client (not only vu_client) can attach. */
+        if (cmd == VU_CMD_DEVICE_GET_REGION_INFO && size == 48 && vu_get32(m + 16) >= 32 &&
+            vu_get32(m + 24) < NUM_REGIONS) {
+            if (no_reply) continue;
+            uint32_t index = vu_get32(m + 24);
+            uint8_t r[48] = {0};
+            vu_put_hdr(r, vu_get16(m), cmd, 48, VU_FLAG_TYPE_REPLY, 0);
+            vu_put32(r + 16, 32);
+            vu_put32(r + 20, index == 7 ? 0x3u : 0u); /* READ|WRITE for config space */
+            vu_put32(r + 24, index);
+            vu_put32(r + 32, index == 7 ? 256u : 0u);  /* size (low half of the u64) */
+            reply(fd, r, sizeof r);
+            continue;
+        }
+        if (cmd == VU_CMD_DEVICE_GET_IRQ_INFO && size == 32 && vu_get32(m + 16) >= 16 &&
+            vu_get32(m + 24) < NUM_IRQS) {
+            if (no_reply) continue;
+            uint8_t r[32] = {0};
+            vu_put_hdr(r, vu_get16(m), cmd, 32, VU_FLAG_TYPE_REPLY, 0);
+            vu_put32(r + 16, 16);
+            vu_put32(r + 24, vu_get32(m + 24)); /* index; flags 0, count 0 */
+            reply(fd, r, sizeof r);
+            continue;
+        }
+        if (cmd == VU_CMD_REGION_WRITE && size >= 32 && (uint64_t)size == 32u + vu_get32(m + 28)) {
+            if (no_reply) continue;
+            uint8_t r[32];
+            vu_put_hdr(r, vu_get16(m), cmd, 32, VU_FLAG_TYPE_REPLY, 0);
+            memcpy(r + 16, m + 16, 16);
             reply(fd, r, sizeof r);
             continue;
         }
