@@ -258,7 +258,7 @@ export class VfioUserClient extends EventEmitter<VfioUserClientEvents> {
   static async connect(path: string, options: ClientOptions = {}): Promise<VfioUserClient> {
     if (typeof path !== 'string' || path.length === 0) throw new TypeError('Expected first argument to be a socket path');
     checkInt(options.maxMsgFds, 'maxMsgFds', 0, Limits.SCM_MAX_FD);
-    checkInt(options.maxDataXferSize, 'maxDataXferSize', 4096, Limits.QEMU_MAX_DATA_XFER_SIZE);
+    checkInt(options.maxDataXferSize, 'maxDataXferSize', 1, Limits.QEMU_MAX_DATA_XFER_SIZE);
     checkInt(options.timeoutMs, 'timeoutMs', 1, 0x7fffffff);
     checkInt(options.congestionThreshold, 'congestionThreshold', 0, Number.MAX_SAFE_INTEGER);
     checkInt(options.writeChunkSize, 'writeChunkSize', 1, Limits.QEMU_MAX_DATA_XFER_SIZE);
@@ -266,7 +266,14 @@ export class VfioUserClient extends EventEmitter<VfioUserClientEvents> {
       checkInt(options.version.major, 'version.major', 0, 0xffff);
       checkInt(options.version.minor, 'version.minor', 0, 0xffff);
     }
-    const client = new VfioUserClient(new Fd(binding.unixConnect(path)), options);
+    const socket = new Fd(binding.unixConnect(path));
+    let client: VfioUserClient;
+    try {
+      client = new VfioUserClient(socket, options);
+    } catch (err) {
+      socket.close();
+      throw err;
+    }
     try {
       await client.#bringUp();
     } catch (err) {
@@ -540,9 +547,9 @@ export class VfioUserClient extends EventEmitter<VfioUserClientEvents> {
   /**
    * Closes the connection and releases everything: pending calls fail with ECONNRESET, eventfds
    * are unwatched and closed, region and DMA mappings are unmapped, region fds are closed, and
-   * `'close'` is emitted with null. Posted writes still queued in this process are sent first if
-   * the socket takes them; use {@link VfioUserClient.flush} to be sure the server executed them.
-   * Idempotent.
+   * `'close'` is emitted with null. Batched small writes are handed to the socket first, but
+   * whatever the socket has not accepted yet is dropped: call {@link VfioUserClient.flush} before
+   * closing to be sure the server executed every posted write. Idempotent.
    */
   close(): Promise<void> {
     if (this.#state !== 'closed') {

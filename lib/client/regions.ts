@@ -202,7 +202,7 @@ function build(reply: RegionInfoReply, fds: Fd[]): RegionRecord {
     mmapFlag,
     mappable,
     mmapUnavailable: unavailable,
-    areas: Object.freeze(mappable || unavailable !== null ? areas : []),
+    areas: Object.freeze(areas),
     type: typeCap !== undefined && typeCap.kind === 'type' ? Object.freeze({ type: typeCap.type, subtype: typeCap.subtype }) : null,
     capabilities: Object.freeze(reply.capabilities.slice()),
   });

@@ -320,7 +320,7 @@ describe('connect: bring-up', () => {
   });
 
   it('emits close with ECONNRESET and fails pending calls when the server hangs up', async () => {
-    const fake = fakeServer({ overrides: { [Command.REGION_READ]: () => true } });
+    const fake = fakeServer({ overrides: { [Command.REGION_READ]: (m) => m.payload.readUInt32LE(12) === 4 } });
     const client = await connect(fake.path);
     const closed = new Promise<Error | null>((r) => client.once('close', r));
     const pending = client.read(7, 0, 4);

@@ -54,7 +54,6 @@ export class FakeServer {
   private readonly listenPoller: InstanceType<typeof binding.Poller>;
   private connFd: Fd | null = null;
   private connPoller: InstanceType<typeof binding.Poller> | null = null;
-  private buf = Buffer.alloc(0);
   private pendingFds: number[] = [];
   private nextId = 1;
   private waiters: { pred: (m: RawMessage) => boolean; resolve: (m: RawMessage) => void }[] = [];
@@ -97,15 +96,24 @@ export class FakeServer {
     if (this.connFd !== null) setImmediate(() => this.readSome());
   }
 
+  /**
+   * Reads like libvfio-user: the 16-byte header alone (the fds of a message come with the recvmsg
+   * that returns its first bytes), then exactly the body. So fds are attributed exactly.
+   */
   private readSome(): void {
-    if (this.connFd === null || !this.reading) return;
-    const chunk = Buffer.alloc(256 * 1024);
     const fdsOut = new Int32Array(254);
     for (;;) {
       if (this.connFd === null || !this.reading) return;
+      const inHeader = this.hdrGot < 16;
+      if (!inHeader && this.body.length === this.bodyGot) {
+        this.deliver();
+        continue;
+      }
+      const target = inHeader ? this.hdr : this.body;
+      const at = inHeader ? this.hdrGot : this.bodyGot;
       let n: number;
       try {
-        n = binding.recvmsg(this.connFd.value, chunk, 0, chunk.length, fdsOut);
+        n = binding.recvmsg(this.connFd.value, target, at, target.length - at, fdsOut);
       } catch {
         this.dropClient();
         return;
@@ -117,40 +125,51 @@ export class FakeServer {
       }
       for (let i = 1; i <= fdsOut[0]!; i++) this.pendingFds.push(fdsOut[i]!);
       fdsOut[0] = 0;
-      this.buf = Buffer.concat([this.buf, chunk.subarray(0, n)]);
-      this.parse();
+      if (inHeader) {
+        this.hdrGot += n;
+        if (this.hdrGot === 16) {
+          const size = this.hdr.readUInt32LE(4);
+          if (size < 16) throw new Error(`fake server: bad msg_size ${size}`);
+          this.body = Buffer.alloc(size - 16);
+          this.bodyGot = 0;
+        }
+      } else {
+        this.bodyGot += n;
+      }
     }
   }
 
-  private parse(): void {
-    while (this.buf.length >= 16) {
-      const size = this.buf.readUInt32LE(4);
-      if (size < 16) throw new Error(`fake server: bad msg_size ${size}`);
-      if (this.buf.length < size) return;
-      const msg: RawMessage = {
-        msgId: this.buf.readUInt16LE(0),
-        command: this.buf.readUInt16LE(2),
-        flags: this.buf.readUInt32LE(8),
-        error: this.buf.readUInt32LE(12),
-        payload: Buffer.from(this.buf.subarray(16, size)),
-        // Clients send fds with the message they belong to, one message per sendmsg.
-        fds: this.pendingFds,
-      };
-      this.pendingFds = [];
-      this.buf = this.buf.subarray(size);
-      this.received.push(msg);
-      for (const w of [...this.waiters]) {
-        if (w.pred(msg)) {
-          this.waiters.splice(this.waiters.indexOf(w), 1);
-          w.resolve(msg);
-        }
+  private hdr = Buffer.alloc(16);
+  private hdrGot = 0;
+  private body = Buffer.alloc(0);
+  private bodyGot = 0;
+
+  private deliver(): void {
+    const h = this.hdr;
+    const msg: RawMessage = {
+      msgId: h.readUInt16LE(0),
+      command: h.readUInt16LE(2),
+      flags: h.readUInt32LE(8),
+      error: h.readUInt32LE(12),
+      payload: this.body,
+      fds: this.pendingFds,
+    };
+    this.pendingFds = [];
+    this.hdrGot = 0;
+    this.body = Buffer.alloc(0);
+    this.bodyGot = 0;
+    this.received.push(msg);
+    for (const w of [...this.waiters]) {
+      if (w.pred(msg)) {
+        this.waiters.splice(this.waiters.indexOf(w), 1);
+        w.resolve(msg);
       }
-      if (!isReply(msg)) {
-        try {
-          this.handler(msg, this);
-        } catch (err) {
-          this.errors.push(err);
-        }
+    }
+    if (!isReply(msg)) {
+      try {
+        this.handler(msg, this);
+      } catch (err) {
+        this.errors.push(err);
       }
     }
   }

@@ -1,4 +1,5 @@
 import { afterEach, describe, expect, it } from 'vitest';
+import fc from 'fast-check';
 import { createMemfd } from '../../lib/native/memfd';
 import { VfioUserClient, type ClientOptions } from '../../lib/client';
 import { Command, Errno, HeaderFlags, RegionInfoFlags } from '../../lib/protocol/constants';
@@ -445,6 +446,26 @@ describe('region access', () => {
     }
     await client.flush();
     for (let i = 0; i < 1024; i++) expect(device.bar0.readUInt32LE(i * 4)).toBe(n - 1 - ((n - 1 - i) % 1024));
+  });
+  it('round-trips any write through reads of any split (property)', async () => {
+    const device = new TestDevice();
+    const s = await startServer(device, { maxDataXferSize: 512 });
+    cleanup.push(s.stop);
+    const client = await connect(s.socketPath, { writeChunkSize: 300 });
+    await fc.assert(
+      fc.asyncProperty(
+        fc.integer({ min: 0, max: 4095 }).chain((offset) =>
+          fc.tuple(fc.constant(offset), fc.uint8Array({ minLength: 0, maxLength: 4096 - offset }), fc.boolean()),
+        ),
+        async ([offset, bytes, posted]) => {
+          const data = Buffer.from(bytes);
+          await client.write(0, offset, data, { posted });
+          expect((await client.read(0, offset, data.length)).equals(data)).toBe(true);
+          expect(device.bar0.subarray(offset, offset + data.length).equals(data)).toBe(true);
+        },
+      ),
+      { numRuns: 60 },
+    );
   });
 });
 
