@@ -1,0 +1,346 @@
+/**
+ * Where a namespace's blocks live. The controller moves data straight between a backend and
+ * guest memory: `dst`/`src` buffers handed to a backend are zero-copy views of the client's memory
+ * (held mapped for the duration of the call), so a backend should read into / write from them
+ * directly and must not keep them after its promise settles.
+ *
+ * - {@link RamBackend}: a memfd of `size` bytes mapped into this process (outside the V8 heap).
+ * - {@link FileBackend}: a regular file or block device, positional `readv`/`writev` straight
+ *   into and out of the guest views; Flush and FUA writes end in `fdatasync`, so data the guest
+ *   was told is durable survives a restart of the server (and of the host, for what the file
+ *   system guarantees).
+ *
+ * Errors: a backend rejects with an Error (an `errno`/`code` is welcome); the controller turns it
+ * into a media error status for the command (Unrecovered Read Error / Write Fault) and counts it
+ * in the SMART log. It never crashes the controller.
+ *
+ * @packageDocumentation
+ */
+import * as fs from 'node:fs';
+import { createMemfd } from '../../native/memfd';
+import { Mapping } from '../../native/mapping';
+import type { Fd } from '../../native/fd';
+
+/** Storage behind a namespace. Offsets and lengths are in bytes and always inside `size`. */
+export interface NvmeBackend {
+  /** Capacity in bytes (the namespace is `floor(size / blockSize)` blocks). */
+  readonly size: number;
+  /** Fill `dst` with the bytes at `offset`. */
+  read(offset: number, dst: Buffer): Promise<void>;
+  /** Store `src` at `offset`; with `fua`, durably before the promise resolves. */
+  write(offset: number, src: Buffer, fua: boolean): Promise<void>;
+  /** Make every completed write durable. */
+  flush(): Promise<void>;
+  /** The range is no longer needed (a hint; see {@link NvmeBackend.discardZeroes}). */
+  discard(offset: number, length: number): Promise<void>;
+  /** Store zeroes over the range (default: the controller writes zero buffers). */
+  writeZeroes?(offset: number, length: number, fua: boolean): Promise<void>;
+  /** Scatter read: `dsts` filled back to back from `offset` (default: one read per buffer). */
+  readv?(offset: number, dsts: readonly Buffer[]): Promise<void>;
+  /** Gather write (default: one write per buffer). */
+  writev?(offset: number, srcs: readonly Buffer[], fua: boolean): Promise<void>;
+  /** True if a discarded range reads back as zeroes (reported in Identify Namespace DLFEAT). */
+  readonly discardZeroes?: boolean;
+  /** Flush and release the storage. Idempotent. */
+  close(): Promise<void>;
+}
+
+const RESOLVED: Promise<void> = Promise.resolve();
+
+function checkRange(size: number, offset: number, length: number): void {
+  if (!Number.isSafeInteger(offset) || !Number.isSafeInteger(length) || offset < 0 || length < 0 || offset + length > size) {
+    throw new RangeError(`backend range ${offset}+${length} is outside 0..${size}`);
+  }
+}
+
+/**
+ * A RAM disk: a memfd of `size` bytes mapped shared into this process, so the data lives outside
+ * the V8 heap (and could be handed to another process by fd). Every operation completes
+ * synchronously and returns an already-resolved promise; flush is a no-op; discarded ranges read
+ * back as zeroes.
+ */
+export class RamBackend implements NvmeBackend {
+  readonly size: number;
+  readonly discardZeroes = true;
+  #fd: Fd | null;
+  #mapping: Mapping | null;
+
+  constructor(size: number, name = 'vfio-user-nvme-ram') {
+    if (!Number.isSafeInteger(size) || size <= 0) throw new RangeError(`Expected a RAM backend size > 0, got ${size}`);
+    this.size = size;
+    this.#fd = createMemfd(name, size);
+    try {
+      this.#mapping = Mapping.map(this.#fd, 0, size);
+    } catch (err) {
+      this.#fd.close();
+      throw err;
+    }
+  }
+
+  /** The memfd (still owned by the backend), e.g. to inspect or share the disk's bytes. */
+  get fd(): Fd {
+    if (this.#fd === null) throw new Error('RamBackend is closed');
+    return this.#fd;
+  }
+
+  /** The whole disk as a Buffer view (for tests and tools; valid until close). */
+  get bytes(): Buffer {
+    if (this.#mapping === null) throw new Error('RamBackend is closed');
+    return this.#mapping.bytes;
+  }
+
+  read(offset: number, dst: Buffer): Promise<void> {
+    checkRange(this.size, offset, dst.length);
+    this.bytes.copy(dst, 0, offset, offset + dst.length);
+    return RESOLVED;
+  }
+
+  readv(offset: number, dsts: readonly Buffer[]): Promise<void> {
+    const bytes = this.bytes;
+    let at = offset;
+    for (const dst of dsts) {
+      checkRange(this.size, at, dst.length);
+      bytes.copy(dst, 0, at, at + dst.length);
+      at += dst.length;
+    }
+    return RESOLVED;
+  }
+
+  write(offset: number, src: Buffer, _fua: boolean): Promise<void> {
+    checkRange(this.size, offset, src.length);
+    src.copy(this.bytes, offset);
+    return RESOLVED;
+  }
+
+  writev(offset: number, srcs: readonly Buffer[], _fua: boolean): Promise<void> {
+    const bytes = this.bytes;
+    let at = offset;
+    for (const src of srcs) {
+      checkRange(this.size, at, src.length);
+      src.copy(bytes, at);
+      at += src.length;
+    }
+    return RESOLVED;
+  }
+
+  flush(): Promise<void> {
+    return RESOLVED;
+  }
+
+  discard(offset: number, length: number): Promise<void> {
+    return this.writeZeroes(offset, length, false);
+  }
+
+  writeZeroes(offset: number, length: number, _fua: boolean): Promise<void> {
+    checkRange(this.size, offset, length);
+    this.bytes.fill(0, offset, offset + length);
+    return RESOLVED;
+  }
+
+  close(): Promise<void> {
+    this.#mapping?.unmapNow();
+    this.#mapping = null;
+    this.#fd?.close();
+    this.#fd = null;
+    return RESOLVED;
+  }
+}
+
+/** Options of {@link FileBackend.open}. */
+export interface FileBackendOptions {
+  /** Capacity in bytes. Default: the file's size. A smaller file is extended (sparse). */
+  size?: number;
+  /** Create the file if it does not exist (needs `size`). Default true. */
+  create?: boolean;
+  /** Open read-only: writes fail with a media error. Default false. */
+  readOnly?: boolean;
+}
+
+/** Most buffers per readv/writev call (IOV_MAX on Linux). */
+const IOV_MAX = 1024;
+/** Zeroes written per call by writeZeroes (one shared, never-written buffer). */
+const ZERO_CHUNK = 1 << 20;
+let zeroChunk: Buffer | null = null;
+
+/**
+ * A file (or block device) used as the namespace's storage, with positional scatter/gather I/O
+ * straight into the guest's memory views: no intermediate buffer, no copy.
+ *
+ * Durability: writes land in the page cache; `flush()` and FUA writes call `fdatasync`. Discard is
+ * a hint that does nothing (Node has no `fallocate(PUNCH_HOLE)`), so discarded blocks keep their
+ * data and Identify Namespace reports that deallocated blocks read back "not reported".
+ */
+export class FileBackend implements NvmeBackend {
+  readonly discardZeroes = false;
+  #fd: number;
+  #closing: Promise<void> | null = null;
+
+  private constructor(
+    fd: number,
+    readonly size: number,
+    readonly path: string,
+    readonly readOnly: boolean,
+  ) {
+    this.#fd = fd;
+  }
+
+  /** Opens (and if needed creates or extends) `path`. Throws the `fs` error if it cannot. */
+  static open(path: string, options: FileBackendOptions = {}): FileBackend {
+    const readOnly = options.readOnly ?? false;
+    const create = (options.create ?? true) && !readOnly;
+    const flags = readOnly ? fs.constants.O_RDONLY : fs.constants.O_RDWR | (create ? fs.constants.O_CREAT : 0);
+    // libuv opens every file with O_CLOEXEC.
+    const fd = fs.openSync(path, flags, 0o600);
+    try {
+      const st = fs.fstatSync(fd);
+      let size = options.size ?? st.size;
+      if (st.isBlockDevice() && options.size === undefined) {
+        // fstat reports 0 for block devices; the end offset is the device size.
+        size = blockDeviceSize(fd);
+      }
+      if (!Number.isSafeInteger(size) || size <= 0) throw new RangeError(`${path}: a FileBackend needs a size > 0 (got ${size})`);
+      if (st.isFile() && st.size < size) {
+        if (readOnly) throw new RangeError(`${path}: the file has ${st.size} bytes, fewer than the size asked for (${size})`);
+        fs.ftruncateSync(fd, size);
+      }
+      return new FileBackend(fd, size, path, readOnly);
+    } catch (err) {
+      fs.closeSync(fd);
+      throw err;
+    }
+  }
+
+  get fd(): number {
+    if (this.#fd < 0) throw new Error('FileBackend is closed');
+    return this.#fd;
+  }
+
+  async read(offset: number, dst: Buffer): Promise<void> {
+    checkRange(this.size, offset, dst.length);
+    await this.readAll(offset, [dst]);
+  }
+
+  async readv(offset: number, dsts: readonly Buffer[]): Promise<void> {
+    let at = offset;
+    for (let i = 0; i < dsts.length; i += IOV_MAX) {
+      const part = dsts.length <= IOV_MAX ? dsts : dsts.slice(i, i + IOV_MAX);
+      const length = part.reduce((n, b) => n + b.length, 0);
+      checkRange(this.size, at, length);
+      await this.readAll(at, part);
+      at += length;
+    }
+  }
+
+  async write(offset: number, src: Buffer, fua: boolean): Promise<void> {
+    checkRange(this.size, offset, src.length);
+    await this.writeAll(offset, [src]);
+    if (fua) await this.flush();
+  }
+
+  async writev(offset: number, srcs: readonly Buffer[], fua: boolean): Promise<void> {
+    let at = offset;
+    for (let i = 0; i < srcs.length; i += IOV_MAX) {
+      const part = srcs.length <= IOV_MAX ? srcs : srcs.slice(i, i + IOV_MAX);
+      const length = part.reduce((n, b) => n + b.length, 0);
+      checkRange(this.size, at, length);
+      await this.writeAll(at, part);
+      at += length;
+    }
+    if (fua) await this.flush();
+  }
+
+  flush(): Promise<void> {
+    const fd = this.fd;
+    return new Promise((resolve, reject) => fs.fdatasync(fd, (err) => (err ? reject(err) : resolve())));
+  }
+
+  discard(offset: number, length: number): Promise<void> {
+    checkRange(this.size, offset, length);
+    return RESOLVED;
+  }
+
+  async writeZeroes(offset: number, length: number, fua: boolean): Promise<void> {
+    checkRange(this.size, offset, length);
+    zeroChunk ??= Buffer.alloc(ZERO_CHUNK);
+    for (let done = 0; done < length; ) {
+      const n = Math.min(ZERO_CHUNK, length - done);
+      await this.writeAll(offset + done, [zeroChunk.subarray(0, n)]);
+      done += n;
+    }
+    if (fua) await this.flush();
+  }
+
+  close(): Promise<void> {
+    this.#closing ??= (async () => {
+      if (this.#fd < 0) return;
+      try {
+        if (!this.readOnly) await this.flush();
+      } finally {
+        const fd = this.#fd;
+        this.#fd = -1;
+        fs.closeSync(fd);
+      }
+    })();
+    return this.#closing;
+  }
+
+  /** readv until every buffer is full; past the end of the file reads as zeroes. */
+  private async readAll(offset: number, bufs: readonly Buffer[]): Promise<void> {
+    const fd = this.fd;
+    let list = bufs;
+    let at = offset;
+    for (;;) {
+      const n = await new Promise<number>((resolve, reject) =>
+        fs.readv(fd, list as Buffer[], at, (err, bytes) => (err ? reject(err) : resolve(bytes))),
+      );
+      const rest = advance(list, n);
+      if (rest === null) return;
+      if (n === 0) {
+        for (const b of rest) b.fill(0); // end of file: the sparse tail
+        return;
+      }
+      list = rest;
+      at += n;
+    }
+  }
+
+  /** writev until every byte is written. */
+  private async writeAll(offset: number, bufs: readonly Buffer[]): Promise<void> {
+    const fd = this.fd;
+    if (this.readOnly) throw Object.assign(new Error(`${this.path} is read-only`), { code: 'EROFS' });
+    let list = bufs;
+    let at = offset;
+    for (;;) {
+      const n = await new Promise<number>((resolve, reject) =>
+        fs.writev(fd, list as Buffer[], at, (err, bytes) => (err ? reject(err) : resolve(bytes))),
+      );
+      const rest = advance(list, n);
+      if (rest === null) return;
+      if (n === 0) throw Object.assign(new Error(`${this.path}: short write`), { code: 'EIO' });
+      list = rest;
+      at += n;
+    }
+  }
+}
+
+/** The buffers left after `n` bytes were transferred, or null if all were. */
+function advance(bufs: readonly Buffer[], n: number): Buffer[] | null {
+  let skip = n;
+  let i = 0;
+  while (i < bufs.length && skip >= bufs[i]!.length) {
+    skip -= bufs[i]!.length;
+    i++;
+  }
+  if (i === bufs.length) return null;
+  const rest = bufs.slice(i);
+  if (skip > 0) rest[0] = rest[0]!.subarray(skip);
+  return rest;
+}
+
+/** Size of a block device (fstat says 0 and Node has no lseek): from sysfs, in 512-byte sectors. */
+function blockDeviceSize(fd: number): number {
+  const dev = fs.readlinkSync(`/proc/self/fd/${fd}`);
+  const name = dev.replace(/^\/dev\//, '');
+  const sectors = Number(fs.readFileSync(`/sys/class/block/${name}/size`, 'utf8').trim());
+  return sectors * 512;
+}

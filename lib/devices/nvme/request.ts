@@ -1,0 +1,87 @@
+/**
+ * One command in flight: the fields of its submission queue entry (copied out of guest memory when
+ * it is fetched, so the host may reuse the slot at once), its data segments and views, and its
+ * result. Each submission queue keeps a pool of these, so fetching a command allocates nothing.
+ *
+ * @packageDocumentation
+ */
+import { Sqe } from './structs';
+import { Segments, Transfer, readU64 } from './prp';
+import type { SubmissionQueue } from './queues';
+
+export class Request {
+  /** The controller generation it was fetched in; completions of an older one are dropped. */
+  epoch = 0;
+  opcode = 0;
+  /** Byte 1 of the SQE: FUSE (1:0) and PSDT (7:6). */
+  flags = 0;
+  cid = 0;
+  nsid = 0;
+  cdw10 = 0;
+  cdw11 = 0;
+  cdw12 = 0;
+  cdw13 = 0;
+  cdw14 = 0;
+  cdw15 = 0;
+  /** PRP entries as Numbers (-1: above 2^53, unmapped by definition). */
+  prp1 = 0;
+  prp2 = 0;
+  /** The status to post (kept while the completion waits for room in its CQ). */
+  status = 0;
+  /** Completion dwords 0 and 1 (command specific results). */
+  dw0 = 0;
+  dw1 = 0;
+  /** Starting LBA for the Error Information log (0 when not applicable). */
+  lba = 0;
+  readonly segs = new Segments();
+  readonly xfer = new Transfer();
+  /** Read/Write in flight: direction and length, for the shared completion callbacks below. */
+  ioWrite = false;
+  ioBytes = 0;
+  /**
+   * Callbacks made once per pooled Request (not per command) so that settling a command's promise
+   * allocates no closure: set by the I/O path and by the controller on first use.
+   */
+  onIoDone: (() => number) | null = null;
+  onIoFailed: ((err: unknown) => number) | null = null;
+  onSettled: ((status: number) => void) | null = null;
+  onFailed: ((err: unknown) => void) | null = null;
+
+  constructor(readonly sq: SubmissionQueue) {}
+
+  /** Copies the 64-byte SQE at `offset` of `ring` (fixed-offset reads, no allocation). */
+  load(ring: Buffer, offset: number): void {
+    this.opcode = ring[offset + Sqe.OPC]!;
+    this.flags = ring[offset + Sqe.FLAGS]!;
+    this.cid = ring.readUInt16LE(offset + Sqe.CID);
+    this.nsid = ring.readUInt32LE(offset + Sqe.NSID);
+    this.prp1 = readU64(ring, offset + Sqe.PRP1);
+    this.prp2 = readU64(ring, offset + Sqe.PRP2);
+    this.cdw10 = ring.readUInt32LE(offset + Sqe.CDW10);
+    this.cdw11 = ring.readUInt32LE(offset + Sqe.CDW11);
+    this.cdw12 = ring.readUInt32LE(offset + Sqe.CDW12);
+    this.cdw13 = ring.readUInt32LE(offset + Sqe.CDW13);
+    this.cdw14 = ring.readUInt32LE(offset + Sqe.CDW14);
+    this.cdw15 = ring.readUInt32LE(offset + Sqe.CDW15);
+    this.status = 0;
+    this.dw0 = 0;
+    this.dw1 = 0;
+    this.lba = 0;
+  }
+
+  /** Releases data views (after the I/O, or when the command is dropped). */
+  done(): void {
+    this.xfer.release();
+    this.segs.reset();
+  }
+}
+
+/**
+ * A handler's result: a status (the completion is posted now), a promise of one, or
+ * {@link DEFERRED}: the handler kept the request and will complete it later itself (an
+ * Asynchronous Event Request waiting for an event, a Delete I/O SQ waiting for its commands).
+ */
+export type HandlerResult = number | Promise<number>;
+
+/** See {@link HandlerResult}. */
+export const DEFERRED = -1;
