@@ -3,7 +3,10 @@
  */
 import * as path from 'node:path';
 import * as readline from 'node:readline';
+import * as fs from 'node:fs';
 import { Idio16Device } from '../devices/gpio/idio16';
+import { NvmeController } from '../devices/nvme/controller';
+import { FileBackend, RamBackend, type NvmeBackend } from '../devices/nvme/backend';
 import { VfioUserServer } from '../server/server';
 import type { CliCommand } from './main';
 
@@ -14,8 +17,19 @@ QEMU's vfio-user-pci. Ctrl-C or SIGTERM shuts down cleanly and removes the socke
 
 Devices:
   gpio   ACCES PCI-IDIO-16: 16 inputs, 16 outputs, change-of-state interrupt (Linux: gpio-pci-idio-16)
-  nvme   NVMe controller (--size 1G | --file PATH, --queues N, --block-size 512|4096,
-         --serial S, --model M, --trace FILE)
+  nvme   NVMe controller with one namespace (Linux: nvme)
+
+nvme options:
+  --size SIZE          namespace size, e.g. 1G, 512M (default 1G); RAM-backed unless --file
+  --file PATH          back the namespace with a file or block device (created if missing, with
+                       --size); Flush and FUA reach the disk with fdatasync
+  --queues N           I/O queue pairs, 1..64 (default 16)
+  --block-size B       logical block size, 512 or 4096 (default 512)
+  --serial S           serial number (default: random)
+  --model M            model number
+  --doorbells MODE     trap (default: every doorbell write is a message) or mmap (the doorbell
+                       page is shared memory the controller polls adaptively)
+  --trace FILE         append controller events (state changes, admin commands, errors) to FILE
 
 Options:
   --mode MODE   socket file mode, octal (default 0600)
@@ -41,6 +55,7 @@ export const serveCommand: CliCommand = {
     serial: { type: 'string' },
     model: { type: 'string' },
     trace: { type: 'string' },
+    doorbells: { type: 'string' },
   },
   async run(positionals, values) {
     const [device, socket] = positionals;
@@ -56,8 +71,14 @@ export const serveCommand: CliCommand = {
     const json = values.json === true;
     if (device === 'gpio') return serveGpio(path.resolve(socket), mode, json);
     if (device === 'nvme') {
-      console.error('vfio-user serve nvme: the NVMe controller is not implemented yet (tracked as the NVMe controller issue)');
-      return 1;
+      let controller: NvmeController;
+      try {
+        controller = nvmeFromOptions(values);
+      } catch (err) {
+        console.error(`vfio-user serve nvme: ${(err as Error).message}`);
+        return 2;
+      }
+      return serveNvme(path.resolve(socket), mode, json, controller, values);
     }
     console.error(`vfio-user serve: unknown device '${device}' (known: gpio, nvme)`);
     return 2;
@@ -106,6 +127,82 @@ async function serveGpio(socket: string, mode: number, json: boolean): Promise<n
     const stop = () => {
       input.close();
       void server.close().then(() => resolve(0));
+    };
+    process.once('SIGINT', stop);
+    process.once('SIGTERM', stop);
+  });
+}
+
+/** Parse "1G", "512M", "64K", "4096" (bytes). */
+export function parseSize(text: string): number {
+  const m = /^(\d+)([KMGT]i?B?)?$/i.exec(text.trim());
+  if (!m) throw new Error(`bad size '${text}' (examples: 1G, 512M, 1073741824)`);
+  const unit = (m[2] ?? '').charAt(0).toUpperCase();
+  const scale = { '': 1, K: 2 ** 10, M: 2 ** 20, G: 2 ** 30, T: 2 ** 40 }[unit]!;
+  const size = Number(m[1]) * scale;
+  if (!Number.isSafeInteger(size) || size <= 0) throw new Error(`bad size '${text}'`);
+  return size;
+}
+
+function intOption(values: Record<string, unknown>, name: string, min: number, max: number): number | undefined {
+  const raw = values[name];
+  if (raw === undefined) return undefined;
+  const n = Number(raw);
+  if (!Number.isInteger(n) || n < min || n > max) throw new Error(`--${name} must be an integer from ${min} to ${max}, got '${String(raw)}'`);
+  return n;
+}
+
+function nvmeFromOptions(values: Record<string, string | boolean | undefined>): NvmeController {
+  const size = values.size === undefined ? undefined : parseSize(String(values.size));
+  const blockSize = intOption(values, 'block-size', 512, 4096);
+  if (blockSize !== undefined && blockSize !== 512 && blockSize !== 4096) throw new Error('--block-size must be 512 or 4096');
+  const doorbells = values.doorbells ?? 'trap';
+  if (doorbells !== 'trap' && doorbells !== 'mmap') throw new Error(`--doorbells must be trap or mmap, got '${String(doorbells)}'`);
+  const queues = intOption(values, 'queues', 1, 64);
+  const traceFile = values.trace === undefined ? null : String(values.trace);
+  const traceFd = traceFile === null ? null : fs.openSync(traceFile, 'a');
+  let backend: NvmeBackend;
+  if (values.file !== undefined) {
+    backend = FileBackend.open(String(values.file), size === undefined ? {} : { size });
+  } else {
+    backend = new RamBackend(size ?? 2 ** 30);
+  }
+  if (backend.size % (blockSize ?? 512) !== 0) throw new Error(`the namespace size ${backend.size} is not a multiple of the block size`);
+  return new NvmeController({
+    backend,
+    doorbells,
+    ...(queues !== undefined ? { queues } : {}),
+    ...(blockSize !== undefined ? { blockSize: blockSize as 512 | 4096 } : {}),
+    ...(values.serial !== undefined ? { serial: String(values.serial) } : {}),
+    ...(values.model !== undefined ? { model: String(values.model) } : {}),
+    ...(traceFd !== null ? { trace: (line: string) => fs.writeSync(traceFd, `${new Date().toISOString()} ${line}\n`) } : {}),
+  });
+}
+
+async function serveNvme(socket: string, mode: number, json: boolean, controller: NvmeController, values: Record<string, unknown>): Promise<number> {
+  const server = await VfioUserServer.listen(socket, controller, { mode });
+  const say = (obj: Record<string, unknown>, text: string) => console.log(json ? JSON.stringify(obj) : text);
+  const backing = values.file !== undefined ? `file ${String(values.file)}` : 'RAM';
+  const size = controller.backend.size;
+  say(
+    { event: 'ready', device: 'nvme', socket, sizeBytes: size, backing, qemu: qemuOption(socket) },
+    `vfio-user: serving nvme (${(size / 2 ** 30).toFixed(2)} GiB, ${backing}) on ${socket}\nattach with: ${qemuOption(socket)}`,
+  );
+  server.on('connect', () => say({ event: 'connect' }, 'client connected'));
+  server.on('disconnect', (err: Error | null) => say({ event: 'disconnect', error: err?.message ?? null }, `client disconnected${err ? `: ${err.message}` : ''}`));
+  return new Promise<number>((resolve) => {
+    const stop = () => {
+      // close() drains in-flight I/O, then the controller flushes and closes its backend.
+      void server.close().then(
+        () => {
+          say({ event: 'stopped' }, 'stopped: data flushed, socket removed');
+          resolve(0);
+        },
+        (err: unknown) => {
+          console.error(`vfio-user serve nvme: shutdown failed: ${(err as Error).message}`);
+          resolve(1);
+        },
+      );
     };
     process.once('SIGINT', stop);
     process.once('SIGTERM', stop);

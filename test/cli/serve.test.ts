@@ -36,10 +36,38 @@ describe('vfio-user (CLI)', () => {
     }
   });
 
-  it('says clearly that serve nvme is not implemented yet (exit 1)', () => {
-    const r = run('serve', 'nvme', '/tmp/nvme-test.sock', '--size', '1G');
-    expect(r.status).toBe(1);
-    expect(r.stderr).toMatch(/not implemented yet/);
+  it('refuses bad nvme options with exit code 2 and a reason', () => {
+    for (const args of [['--size', '1X'], ['--block-size', '1024'], ['--queues', '65'], ['--doorbells', 'magic'], ['--size', '1000']]) {
+      const r = run('serve', 'nvme', '/tmp/nvme-test.sock', ...args);
+      expect(r.status, args.join(' ')).toBe(2);
+      expect(r.stderr).toMatch(/vfio-user serve nvme: /);
+    }
+  });
+
+  it('serves nvme: JSON ready line, info shows an NVMe controller, SIGTERM stops cleanly', async () => {
+    const { dir, path: socket } = tempSocketPath('nvme.sock');
+    const child = spawn(process.execPath, [cli, 'serve', 'nvme', socket, '--size', '64M', '--queues', '2', '--json'], { stdio: ['ignore', 'pipe', 'inherit'] });
+    const lines = readline.createInterface({ input: child.stdout! });
+    const seen: Record<string, unknown>[] = [];
+    const ready = new Promise<Record<string, unknown>>((res) => lines.on('line', (l) => {
+      const v = JSON.parse(l) as Record<string, unknown>;
+      seen.push(v);
+      if (v.event === 'ready') res(v);
+    }));
+    try {
+      expect(await ready).toMatchObject({ event: 'ready', device: 'nvme', socket, sizeBytes: 64 << 20, backing: 'RAM' });
+      const info = spawnSync(process.execPath, [cli, 'info', socket, '--json'], { encoding: 'utf8', timeout: 10_000 });
+      expect(info.status, info.stderr).toBe(0);
+      const report = JSON.parse(info.stdout);
+      expect(report.pci.classCode).toBe('0x010802');
+      expect(report.pci.msix.tableSize).toBe(3);
+    } finally {
+      child.kill('SIGTERM');
+      expect(await new Promise((res) => child.on('exit', res))).toBe(0);
+      expect(seen.some((e) => e.event === 'stopped')).toBe(true);
+      expect(fs.existsSync(socket)).toBe(false);
+      fs.rmSync(dir, { recursive: true, force: true });
+    }
   });
 
   it('serves gpio: JSON ready line, stdin control, region access from a client, clean SIGTERM', async () => {

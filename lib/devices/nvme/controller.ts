@@ -654,6 +654,19 @@ export class NvmeController extends PciDevice implements AdminContext, IoContext
   private doorbellWrite(index: number, value: number): void {
     if (!this.running) return;
     const qid = index >> 1;
+    const queue = index & 1 ? this.cqs[qid] : this.sqs[qid];
+    if (this.shadow !== null && qid !== 0 && queue != null) {
+      // With shadow doorbells a trapped write is only a wake-up. It travels as a posted message and
+      // can arrive after newer values the controller already took from the shadow buffer; applying
+      // it would move a tail backwards and re-run stale entries. A host that uses the shadows writes
+      // them before the register, so they hold the newest value: read those instead. Only a host
+      // that never touched this queue's shadow gets its register value applied.
+      this.poll();
+      if (queue.shadowUsed) {
+        this.doorbellCounts.trapped++;
+        return;
+      }
+    }
     if ((index & 1) === 0) {
       const sq = this.sqs[qid];
       if (sq == null) return this.badDoorbell(AerErrorInfo.INVALID_DB_REGISTER, index, value);
@@ -709,6 +722,7 @@ export class NvmeController extends PciDevice implements AdminContext, IoContext
         const v = shadow.read(sqDoorbellIndex(sq.id));
         if (v < 0 || v === sq.lastShadow) continue;
         sq.lastShadow = v;
+        sq.shadowUsed = true;
         if (sq.setTail(v)) {
           changed = true;
           this.doorbellCounts.shadow++;
@@ -751,6 +765,7 @@ export class NvmeController extends PciDevice implements AdminContext, IoContext
     const v = shadow.read(cqDoorbellIndex(cq.id));
     if (v < 0 || v === cq.lastShadow) return false;
     cq.lastShadow = v;
+    cq.shadowUsed = true;
     if (!cq.setHead(v)) return false;
     this.doorbellCounts.shadow++;
     return true;
@@ -778,12 +793,14 @@ export class NvmeController extends PciDevice implements AdminContext, IoContext
       shadow.writeDoorbell(sqDoorbellIndex(sq.id), sq.tail);
       shadow.writeEventIdx(sqDoorbellIndex(sq.id), sq.tail);
       sq.lastShadow = sq.tail;
+      sq.shadowUsed = false;
     }
     for (const cq of this.activeCqs) {
       if (cq.id === 0) continue;
       shadow.writeDoorbell(cqDoorbellIndex(cq.id), cq.head);
       shadow.writeEventIdx(cqDoorbellIndex(cq.id), cq.head);
       cq.lastShadow = cq.head;
+      cq.shadowUsed = false;
     }
     this.trace?.(`nvme: shadow doorbells at 0x${dbs.toString(16)}, EventIdx at 0x${eis.toString(16)}`);
     this.poller.wake();

@@ -117,6 +117,8 @@ export class CompletionQueue {
   /** Last values seen in the mmap'd doorbell page and in the shadow doorbell. */
   lastDoorbell = 0;
   lastShadow = 0;
+  /** The host has moved this queue's shadow doorbell since it was configured (it uses shadows). */
+  shadowUsed = false;
   readonly ring: QueueRing;
 
   constructor(
@@ -189,6 +191,8 @@ export class SubmissionQueue {
   onDrained: (() => void) | null = null;
   lastDoorbell = 0;
   lastShadow = 0;
+  /** The host has moved this queue's shadow doorbell since it was configured (it uses shadows). */
+  shadowUsed = false;
   readonly ring: QueueRing;
   private readonly pool: Request[] = [];
 

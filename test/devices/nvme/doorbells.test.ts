@@ -105,6 +105,27 @@ describe('shadow doorbells (trap mode)', () => {
     expect(await host.wait(2, cid)).toBe(0);
   });
 
+  it('a late trapped doorbell with an older tail does not move the tail back (no stale commands re-run)', async () => {
+    const host = await shadowRig('trap');
+    const buf = rig.alloc(PAGE);
+    const q = rig.queue(1);
+    const first = host.submit(1, { opcode: IoOpcode.READ, prp1: buf, cdw12: 0 });
+    const oldTail = q.sqTail;
+    expect(await host.wait(1, first)).toBe(0);
+    // More work published through the shadow only, and completed...
+    const later = [0, 1, 2].map(() => rig.place(1, { opcode: IoOpcode.READ, nsid: 1, prp1: buf, cdw12: 0 }));
+    rig.mem.writeUInt32LE(q.sqTail, host.dbs + 8);
+    rig.read32(0x1c); // activity: the controller looks at the shadows
+    for (const cid of later) expect(await host.wait(1, cid)).toBe(0);
+    const executed = rig.ctrl.stats.hostReads;
+    // ...then the posted MMIO write of the old tail finally arrives (as it can over the socket).
+    rig.write32(sqTailDoorbell(1), oldTail);
+    await tick(20);
+    host.reap(1);
+    expect(rig.reap(1, false)).toEqual([]);
+    expect(rig.ctrl.stats.hostReads).toBe(executed);
+  });
+
   it('a tail published only in the shadow while asleep is picked up at the next wake-up', async () => {
     const host = await shadowRig('trap');
     await rig.waitFor(() => rig.ctrl.poller.phase === 'sleep', 'poller asleep');

@@ -4,10 +4,10 @@
 import * as fs from 'node:fs';
 import * as path from 'node:path';
 import { afterAll, describe, expect, it } from 'vitest';
-import { NvmeController } from '../../../lib/devices/nvme/controller';
-import { FileBackend, RamBackend } from '../../../lib/devices/nvme/backend';
-import { VfioUserServer } from '../../../lib/server/server';
-import { bootGuest, buildInitramfs, cleanupInterop, describeBoot, interopAvailable, waitForPathScript } from '../../interop/harness';
+import { NvmeController } from '../../lib/devices/nvme/controller';
+import { FileBackend, RamBackend } from '../../lib/devices/nvme/backend';
+import { VfioUserServer } from '../../lib/server/server';
+import { bootGuest, buildInitramfs, cleanupInterop, describeBoot, interopAvailable, waitForPathScript } from './harness';
 
 const available = interopAvailable();
 if (!available.ok) console.warn(`[nvme guest] skipping: ${available.reason}`);
