@@ -81,7 +81,6 @@ describe.skipIf(!available.ok)('gpio-pci-idio-16 in a Linux guest (QEMU 11.1 vfi
         sockets: [socket],
         initramfs,
         timeoutMs: 60_000,
-        onLine: undefined as never,
         onLine: (line) => {
           // The guest armed an edge interrupt on IIN0: flip it from the Node side.
           if (line.includes('RESULT irq_armed=1')) device.setInputs(TOGGLED_INPUTS);

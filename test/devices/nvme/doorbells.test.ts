@@ -120,7 +120,7 @@ describe('shadow doorbells (trap mode)', () => {
     const executed = rig.ctrl.stats.hostReads;
     // ...then the posted MMIO write of the old tail finally arrives (as it can over the socket).
     rig.write32(sqTailDoorbell(1), oldTail);
-    await tick(20);
+    await new Promise((r) => setTimeout(r, 20));
     host.reap(1);
     expect(rig.reap(1, false)).toEqual([]);
     expect(rig.ctrl.stats.hostReads).toBe(executed);
