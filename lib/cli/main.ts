@@ -6,6 +6,7 @@
 import { parseArgs, type ParseArgsConfig } from 'node:util';
 import { infoCommand } from './info';
 import { serveCommand } from './serve';
+import { nvmeCommand } from './nvme';
 
 export interface CliCommand {
   name: string;
@@ -15,7 +16,7 @@ export interface CliCommand {
   run(positionals: string[], values: Record<string, string | boolean | undefined>): Promise<number>;
 }
 
-const COMMANDS: CliCommand[] = [serveCommand, infoCommand];
+const COMMANDS: CliCommand[] = [serveCommand, infoCommand, nvmeCommand];
 
 function mainHelp(): string {
   const width = Math.max(...COMMANDS.map((c) => c.name.length));
