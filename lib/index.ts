@@ -38,6 +38,15 @@ export {
 export { PciDevice, type PciDeviceOptions, type PciBar } from './pci/device';
 export * as pci from './pci';
 export * from './devices';
+export {
+  NvmeDriver,
+  NvmeError,
+  NvmeTimeoutError,
+  NvmeAbortedError,
+  type NvmeDriverOptions,
+  type IoQueuePairOptions,
+} from './drivers/nvme';
+export * as nvmeDriver from './drivers/nvme';
 export { Connection, IncomingMessage, type ConnectionOptions, type Reply, type ReplyCallback, type RequestOptions, type Body } from './transport/connection';
 export { VfioUserError, ProtocolError } from './protocol/errors';
 export * as protocol from './protocol';

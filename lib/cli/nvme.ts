@@ -33,6 +33,8 @@ Options:
   --nsid N                namespace (default 1)
   --rwmixread N           perf randrw: percentage of reads (default 50)
   --poll                  poll the completion queues instead of using MSI-X interrupts
+                          (perf polls by default, as spdk_nvme_perf does)
+  --irq                   perf: wait for MSI-X interrupts instead of polling
   --doorbells MODE        auto (default: the mmap'd doorbell page if the server offers it, else
                           shadow doorbells if the controller offers them, else messages), mmap,
                           shadow (Doorbell Buffer Config), message (a REGION_WRITE each)
@@ -49,7 +51,7 @@ const ALLOWED: Record<string, readonly string[]> = {
   identify: ['json', 'poll', 'doorbells'],
   read: ['lba', 'count', 'out', 'nsid', 'json', 'poll', 'doorbells'],
   write: ['lba', 'count', 'in', 'nsid', 'json', 'poll', 'doorbells'],
-  perf: ['rw', 'bs', 'qd', 'time', 'queues', 'nsid', 'rwmixread', 'json', 'poll', 'doorbells'],
+  perf: ['rw', 'bs', 'qd', 'time', 'queues', 'nsid', 'rwmixread', 'json', 'poll', 'irq', 'doorbells'],
 };
 
 class UsageError extends Error {}
@@ -327,7 +329,10 @@ async function perf(socket: string, values: Values): Promise<number> {
   process.once('SIGINT', onSignal);
   process.once('SIGTERM', onSignal);
   try {
-    const summary = await withDriver(socket, driverOptions(values, { ioQueues: queues }), (d) =>
+    // Polled completions by default, like spdk_nvme_perf: the run measures the device and the
+    // path to it, not interrupt wake-ups, and is far steadier on a small machine (--irq for those).
+    const completions = values.irq === true ? ('msix' as const) : ('poll' as const);
+    const summary = await withDriver(socket, driverOptions(values, { ioQueues: queues, completions }), (d) =>
       runPerf(d, {
         rw: rw as RwPattern,
         bs,
@@ -368,6 +373,7 @@ export const nvmeCommand: CliCommand = {
     nsid: { type: 'string' },
     rwmixread: { type: 'string' },
     poll: { type: 'boolean' },
+    irq: { type: 'boolean' },
     doorbells: { type: 'string' },
   },
   async run(positionals, values) {
