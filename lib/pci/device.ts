@@ -39,6 +39,8 @@ export interface PciDeviceOptions extends ConfigSpaceOptions {
   msi?: { vectors: MsiVectorCount };
   /** MSI-X: vector count and where the table and PBA live (a BAR declared in `bars`). */
   msix?: { vectors: number; table: MsixLocation; pba: MsixLocation };
+  /** Expansion ROM contents (region 6, read-only; the ROM BAR is sized to a power of two >= 2 KiB). */
+  rom?: Uint8Array;
   /** More capabilities, placed after the built-in ones in this order. */
   capabilities?: Capability[];
   migration?: MigrationHooks;
@@ -76,6 +78,7 @@ export class PciDevice implements VfioUserDevice {
       this.regions[index] = barRegion(bar, index, msixCap);
     }
     this.regions[PciRegion.CONFIG] = this.configRegion();
+    if (options.rom) this.regions[PciRegion.ROM] = this.romRegion(options.rom);
     if (options.pm) this.config.addCapability(new PowerManagementCapability(options.pm === true ? {} : options.pm));
     if (options.pcie) {
       const pcie = options.pcie === true ? {} : options.pcie;
@@ -181,6 +184,20 @@ export class PciDevice implements VfioUserDevice {
     // writes leave INTx alone.
     const reenabled = (previous & Command.INTX_DISABLE) !== 0 && (command & Command.INTX_DISABLE) === 0;
     if (reenabled && this.intxLevel) this.signalIntx();
+  }
+
+  private romRegion(contents: Uint8Array): DeviceRegion {
+    const size = Math.max(2048, 2 ** Math.ceil(Math.log2(Math.max(contents.length, 1))));
+    this.config.defineRom(size);
+    const image = Buffer.alloc(size);
+    image.set(contents);
+    return {
+      size,
+      flags: RegionInfoFlags.READ,
+      read: (offset, dst) => {
+        image.copy(dst, 0, offset, offset + dst.length);
+      },
+    };
   }
 
   private configRegion(): DeviceRegion {

@@ -188,6 +188,33 @@ export class DmaSpace {
     };
   }
 
+  /**
+   * A scatter/gather list for `[iova, iova + length)`: one zero-copy view per map the range
+   * crosses, every map held until `release()`. Throws {@link DmaError} like {@link view} (and
+   * ENOENT for a range that touches a message-only map or a gap), holding nothing then.
+   */
+  acquireRange(iova: number, length: number, write: boolean): { bufs: Buffer[]; release(): void } {
+    const bufs: Buffer[] = [];
+    const held: Mapping[] = [];
+    const release = () => {
+      for (const m of held.splice(0)) m.release();
+    };
+    try {
+      for (let at = iova, rest = length; rest > 0; ) {
+        const region = this.find(at);
+        const n = region === null ? rest : Math.min(rest, region.iova + region.size - at);
+        bufs.push(this.view(at, n, write));
+        held.push(region!.mapping!.acquire());
+        at += n;
+        rest -= n;
+      }
+    } catch (err) {
+      release();
+      throw err;
+    }
+    return { bufs, release };
+  }
+
   /** True if `[iova, iova + length)` is inside one fd-backed range (so {@link view} works). */
   isShared(iova: number, length: number): boolean {
     const r = this.find(iova);

@@ -17,8 +17,9 @@ const cli = path.join(__dirname, '..', '..', 'dist', 'cli', 'main.js');
 const SIZE_MIB = 128;
 
 /** Start `vfio-user serve nvme` and wait for its JSON ready line. */
-async function serve(socket: string, file: string): Promise<{ child: ChildProcess; stop: () => Promise<number | null> }> {
-  const child = spawn(process.execPath, [cli, 'serve', 'nvme', socket, '--file', file, '--size', `${SIZE_MIB}M`, '--queues', '4', '--json'], {
+async function serve(socket: string, file: string, trace: string): Promise<{ child: ChildProcess; stop: () => Promise<number | null> }> {
+  const args = ['serve', 'nvme', socket, '--file', file, '--size', `${SIZE_MIB}M`, '--queues', '4', '--trace', trace, '--json'];
+  const child = spawn(process.execPath, [cli, ...args], {
     stdio: ['ignore', 'pipe', 'inherit'],
   });
   const lines = readline.createInterface({ input: child.stdout! });
@@ -73,8 +74,9 @@ describe.skipIf(!available.ok)('vfio-user serve nvme with a Linux guest (QEMU 11
     const dir = fs.mkdtempSync(path.join('/dev/shm', 'vfio-user-nvme-cli-'));
     const socket = path.join(dir, 'nvme.sock');
     const file = path.join(dir, 'disk.img');
+    const trace = path.join(dir, 'trace.log');
     try {
-      const first = await serve(socket, file);
+      const first = await serve(socket, file, trace);
       let written: Record<string, string>;
       try {
         const initramfs = await buildInitramfs({ modules: ['nvme'], withFio: true, script: WRITE_SCRIPT });
@@ -94,8 +96,12 @@ describe.skipIf(!available.ok)('vfio-user serve nvme with a Linux guest (QEMU 11
         expect(await first.stop()).toBe(0);
       }
       expect(fs.existsSync(socket)).toBe(false);
+      // The guest's power-off ran the nvme driver's shutdown: CC.SHN, flush, SHST complete.
+      const events = fs.readFileSync(trace, 'utf8');
+      expect(events).toMatch(/normal shutdown/);
+      expect(events).toMatch(/shutdown complete/);
 
-      const second = await serve(socket, file);
+      const second = await serve(socket, file, trace);
       try {
         const initramfs = await buildInitramfs({ modules: ['nvme'], script: READ_SCRIPT });
         const r = await bootGuest({ sockets: [socket], initramfs, timeoutMs: 40_000 });
