@@ -20,17 +20,10 @@ import type { NamespaceInfo } from './identify';
 import { dmaSlice, type DataRef } from './prp';
 import type { Completion, NvmeRequest, QueuePair } from './queue';
 
-/** CDW12 bits of Read, Write and Write Zeroes. */
-export const Rw = {
-  /** Number of Logical Blocks, 0's based (bits 15:0). */
-  NLB_MASK: 0xffff,
-  /** Write Zeroes: deallocate the blocks (bit 25). */
-  DEAC: 1 << 25,
-  /** Force Unit Access (bit 30). */
-  FUA: 1 << 30,
-  /** Limited Retry (bit 31). */
-  LR: 1 << 31,
-} as const;
+import { Rw } from '../../devices/nvme/io';
+
+/** CDW12 bits of Read, Write and Write Zeroes (the same spec fields the controller decodes). */
+export { Rw };
 
 /** Dataset Management: CDW11 Attribute - Deallocate (bit 2); 16-byte ranges, at most 256. */
 export const Dsm = {
