@@ -98,6 +98,9 @@ export class Session {
   private readonly echo = Buffer.alloc(REGION_ACCESS);
   private readonly readBody: Buffer[] = [this.echo, this.echo];
   private readBuf = Buffer.alloc(4096);
+  /** Offset and count of the region access {@link Session.regionFor} validated last. */
+  private accessOffset = 0;
+  private accessCount = 0;
   /** Cached views of readBuf for small counts (register accesses), so they allocate nothing. */
   private smallViews: Buffer[] = [];
 
@@ -286,8 +289,6 @@ export class Session {
     return region;
   }
 
-  accessOffset = 0;
-  accessCount = 0;
 
   regionRead(msg: IncomingMessage): HandlerResult | Promise<HandlerResult> {
     const region = this.regionFor(msg, false);
