@@ -619,6 +619,9 @@ export class VfioUserClient extends EventEmitter<VfioUserClientEvents> {
 
   async #version(): Promise<void> {
     const announce: CapabilitiesInput = { maxMsgFds: this.#ourMaxFds, maxDataXferSize: this.#ourMaxXfer };
+    // Say we can use REGION_WRITE_MULTI, as QEMU does. It also sizes our request: a server may
+    // not reply with more than we sent, and its reply names write_multiple and the twin socket.
+    if (this.#wantMulti) announce.writeMultiple = true;
     if (this.#offerTwin) announce.twinSocket = { supported: true };
     const { major, minor } = this.#proposed;
     const body = encodeVersionRequest({ major, minor, capabilities: announce });

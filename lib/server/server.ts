@@ -179,6 +179,9 @@ export class VfioUserServer extends EventEmitter implements ServerCore {
       maxRecvFds: this.options.maxMsgFds ?? 16,
       requestTimeoutMs: this.options.requestTimeoutMs ?? 5000,
       firstMsgId: 1,
+      // writableNeedDrain then says whether anything is queued: the session needs to know when the
+      // VERSION reply lending the twin socket's fd has gone (Session.closeWhenSent).
+      highWaterMark: 0,
     });
   }
 

@@ -7,8 +7,9 @@ import { debuglog } from 'node:util';
 import type { EventEmitter } from 'node:events';
 import { Command, DeviceFeature, DeviceFlags, DmaUnmapFlags, Errno, MigState, ProtocolVersion, RegionInfoFlags } from '../protocol/constants';
 import { ProtocolError, VfioUserError } from '../protocol/errors';
+import { binding } from '../native/binding';
 import { Fd } from '../native/fd';
-import { negotiate, type Negotiated } from '../protocol/capabilities';
+import { defaultCapabilities, negotiate, serverReplyCapabilities, type Negotiated } from '../protocol/capabilities';
 import { decodeVersionRequest, encodeVersionReply, type VersionInit } from '../protocol/messages/version';
 import { decodeDmaMapRequest, decodeDmaUnmapRequest, encodeDmaUnmapReply } from '../protocol/messages/dma';
 import { decodeDeviceInfoRequest, encodeDeviceInfoReply } from '../protocol/messages/device';
@@ -43,7 +44,7 @@ import {
   featureIndex,
 } from '../protocol/messages/feature';
 import { decodeMigDataReadRequest, decodeMigDataWriteRequest, encodeMigDataReadReply } from '../protocol/messages/migration';
-import type { Body, Connection, IncomingMessage } from '../transport/connection';
+import { Connection, type Body, type IncomingMessage } from '../transport/connection';
 import { DmaError, type DmaSpace, type DmaTransport } from './dma';
 import type { AccessResult, DeviceRegion, ResetReason, VfioUserDevice } from './device';
 import type { IrqTable } from './irq';
@@ -90,6 +91,13 @@ const MAX_FIXED = 64;
 
 export class Session {
   negotiated: Negotiated | null = null;
+  /**
+   * Twin-socket mode (reference §1.9): our end of the socket pair that carries only our own
+   * commands (DMA_READ/DMA_WRITE) and the client's replies to them; null on a single socket.
+   */
+  twin: Connection | null = null;
+  /** The client's end of the twin pair, between VERSION and its reply (then closed once sent). */
+  private lent: Fd | null = null;
   /** Commands wait here while an earlier one is still running (in-order execution). */
   private readonly queue: IncomingMessage[] = [];
   private busy = false;
@@ -116,12 +124,17 @@ export class Session {
     return this.core.device;
   }
 
-  /** DMA to message-only maps, through this client's connection. */
+  /** Where our own commands go: the twin socket if there is one, else the main connection. */
+  get commandChannel(): Connection {
+    return this.twin ?? this.conn;
+  }
+
+  /** DMA to message-only maps, through this client's connection (its twin socket, if any). */
   readonly transport: DmaTransport & { maxTransfer: number } = {
     maxTransfer: 1024 * 1024,
     read: async (iova, length) => {
       try {
-        const reply = await this.conn.request(Command.DMA_READ, encodeDmaReadRequest({ address: BigInt(iova), count: length }));
+        const reply = await this.commandChannel.request(Command.DMA_READ, encodeDmaReadRequest({ address: BigInt(iova), count: length }));
         Fd.closeAll(reply.fds); // a DMA_READ reply carries no fds (reference §1.6)
         const r = decodeDmaReadReply(reply.payload);
         if (r.address !== BigInt(iova) || r.data === null || r.data.length !== length) throw new DmaError(Errno.EIO, 'DMA_READ reply does not match the request');
@@ -132,7 +145,7 @@ export class Session {
     },
     write: async (iova, data) => {
       try {
-        const reply = await this.conn.request(Command.DMA_WRITE, encodeDmaWriteRequest({ address: BigInt(iova), data }));
+        const reply = await this.commandChannel.request(Command.DMA_WRITE, encodeDmaWriteRequest({ address: BigInt(iova), data }));
         Fd.closeAll(reply.fds);
         decodeDmaWriteReply(reply.payload);
       } catch (err) {
@@ -144,6 +157,9 @@ export class Session {
   close(): void {
     this.closed = true;
     for (const m of this.queue.splice(0)) m.closeFds();
+    this.lent?.close();
+    this.lent = null;
+    this.twin?.close();
   }
 
   private onRequest(msg: IncomingMessage): void {
@@ -189,6 +205,10 @@ export class Session {
 
   /** The single place replies are built. */
   private finish(msg: IncomingMessage, result: HandlerResult): void {
+    if (this.lent !== null) {
+      this.finishTwinVersion(msg, result);
+      return;
+    }
     if (msg.replied || this.conn.state !== 'open') return;
     if (typeof result === 'number') {
       if (result === 0) this.conn.reply(msg);
@@ -246,25 +266,111 @@ export class Session {
     const peer = decodeVersionRequest(msg.payload);
     const caps = this.core.capabilities();
     const local = { major: ProtocolVersion.MAJOR, minor: ProtocolVersion.MINOR, capabilities: { ...defaultsFor(caps) } };
-    this.negotiated = negotiate({ role: 'server', local, peer: { major: peer.major, minor: peer.minor, capabilities: peer.capabilities } });
-    const n = this.negotiated;
+    let n = negotiate({ role: 'server', local, peer: { major: peer.major, minor: peer.minor, capabilities: peer.capabilities } });
     this.conn.maxSendFds = n.maxSendFds;
     this.transport.maxTransfer = n.maxDataXferSize;
     this.conn.maxMessageSize = n.maxDataXferSize + 4096;
-    // The reply may not be longer than the request (QEMU sizes its buffer by its request):
-    // announce the most important capabilities that fit.
+    // The reply may not be longer than the request (QEMU sizes its buffer by its request).
     const budget = msg.payloadLength;
-    let reply = encodeVersionReply({ major: 0, minor: n.minor, capabilities: caps });
-    const order: (keyof typeof caps)[] = ['migration', 'maxDmaMaps', 'pgsizes', 'writeMultiple', 'maxDataXferSize'];
-    const trimmed: VersionInit['capabilities'] = { ...caps };
-    for (const key of order) {
-      if (reply.length <= budget) break;
-      delete trimmed[key];
-      reply = encodeVersionReply({ major: 0, minor: n.minor, capabilities: trimmed });
+    if (n.twinSocket) {
+      const reply = fitVersionReply(n.minor, serverReplyCapabilities(caps, n), budget, TWIN_MAY_DROP);
+      const lent = reply === null ? null : this.openTwin(n);
+      if (reply !== null && lent !== null) {
+        this.negotiated = n;
+        this.lent = lent;
+        debug('negotiated 0.%d with a twin socket: %o', n.minor, n);
+        return { body: reply, fds: [lent.value] }; // fd_index 0
+      }
+      debug('twin socket offered but not enabled: %s', reply === null ? 'the reply would not fit' : 'no socket pair');
+      n = { ...n, twinSocket: false, twinSocketFdIndex: undefined };
     }
-    if (reply.length > budget) reply = encodeVersionReply({ major: 0, minor: n.minor, document: budget >= 7 ? {} : null });
+    this.negotiated = n;
+    const own = serverReplyCapabilities(caps, n);
+    const reply =
+      fitVersionReply(n.minor, own, budget, TRIM_ORDER) ??
+      encodeVersionReply({ major: 0, minor: n.minor, document: budget >= 7 ? {} : null });
     debug('negotiated 0.%d: %o', n.minor, n);
     return reply;
+  }
+
+  /**
+   * Twin-socket mode (reference §1.9): a fresh connected socket pair; our end becomes the channel
+   * for our own commands, the client's end is returned, to go with the VERSION reply. Null if the
+   * pair cannot be made (the session then goes on with one socket).
+   */
+  private openTwin(n: Negotiated): Fd | null {
+    // The client's end may be closed only once the reply carrying it is on its way (see
+    // closeWhenSent), which the connection can tell only with highWaterMark 0.
+    if (this.conn.highWaterMark !== 0) return null;
+    let pair: [number, number];
+    try {
+      pair = binding.socketpair();
+    } catch (err) {
+      debug('socketpair failed: %s', (err as Error).message);
+      return null;
+    }
+    const ours = new Fd(pair[0]);
+    const theirs = new Fd(pair[1]);
+    let twin: Connection;
+    try {
+      twin = new Connection(ours, {
+        name: `${this.conn.name}-twin`,
+        maxRecvFds: this.conn.maxRecvFds,
+        maxSendFds: 0,
+        maxMessageSize: n.maxDataXferSize + 4096,
+        requestTimeoutMs: this.conn.requestTimeoutMs,
+        firstMsgId: 1,
+      });
+    } catch (err) {
+      debug('twin socket: %s', (err as Error).message);
+      ours.close();
+      theirs.close();
+      return null;
+    }
+    // The client sends only replies here: a command is a protocol error.
+    twin.onRequest = (msg, conn) => {
+      debug('command %d on the twin socket: EINVAL', msg.command);
+      conn.replyError(msg, Errno.EINVAL);
+    };
+    // Either socket closing ends the session (the server's cleanup runs on the main one's close).
+    twin.on('close', (err: Error | null) => this.conn.close(err));
+    this.twin = twin;
+    return theirs;
+  }
+
+  /** Send the VERSION reply that carries the client's end of the twin pair, then let go of it. */
+  private finishTwinVersion(msg: IncomingMessage, result: HandlerResult): void {
+    const lent = this.lent!;
+    this.lent = null;
+    try {
+      const r = result as { body: Body; fds: readonly number[] };
+      if (!msg.replied && this.conn.state === 'open') this.conn.reply(msg, r.body, r.fds);
+    } finally {
+      this.closeWhenSent(lent);
+      if (this.conn.state !== 'open') this.twin?.close();
+    }
+  }
+
+  /**
+   * Close our copy of an fd that went with the reply just sent, once the kernel holds it.
+   * Connection.reply hands fds to sendmsg at once unless it has to queue the message (socket
+   * full); a queued message keeps the fd *numbers* until the queue drains, or drops them when the
+   * connection closes. Closing earlier would send a closed (or reused) fd number. With
+   * highWaterMark 0 (the server's connections), writableNeedDrain says whether anything is queued.
+   */
+  private closeWhenSent(fd: Fd): void {
+    const conn = this.conn;
+    if (conn.state !== 'open' || !conn.writableNeedDrain) {
+      fd.close();
+      return;
+    }
+    const done = (): void => {
+      conn.off('drain', done);
+      conn.off('close', done);
+      fd.close();
+    };
+    conn.on('drain', done);
+    conn.on('close', done);
   }
 
   // ---- region access (the hot path: no decoding objects, fixed-offset reads) ----
@@ -360,6 +466,35 @@ function asDmaError(err: unknown): DmaError {
   return new DmaError(Errno.EIO, (err as Error)?.message ?? String(err));
 }
 
+type CapabilityKey = keyof CapabilitiesInput;
+/** Capabilities a VERSION reply may leave out to fit, least important first (max_msg_fds stays). */
+const TRIM_ORDER: readonly CapabilityKey[] = ['migration', 'maxDmaMaps', 'pgsizes', 'writeMultiple', 'maxDataXferSize'];
+/**
+ * What may go to make room for twin_socket: optional features the client then simply does not use.
+ * Limits the client must respect (a smaller max_data_xfer_size, max_dma_maps or pgsizes than the
+ * defaults) are worth more than a twin socket; values equal to the defaults always go freely.
+ */
+const TWIN_MAY_DROP: readonly CapabilityKey[] = ['migration', 'writeMultiple'];
+const PROTOCOL_DEFAULTS = defaultCapabilities();
+
+/**
+ * The VERSION reply announcing `caps`, trimmed to at most `budget` payload bytes: first the keys
+ * whose value is the protocol default (leaving them out says the same), then the keys of `mayDrop`
+ * in order. Null if it still does not fit.
+ */
+function fitVersionReply(minor: number, caps: CapabilitiesInput, budget: number, mayDrop: readonly CapabilityKey[]): Buffer | null {
+  const trimmed: VersionInit['capabilities'] = { ...caps };
+  let reply = encodeVersionReply({ major: 0, minor, capabilities: trimmed });
+  const lossless = TRIM_ORDER.filter((key) => trimmed[key] !== undefined && trimmed[key] === PROTOCOL_DEFAULTS[key]);
+  for (const key of [...lossless, ...mayDrop]) {
+    if (reply.length <= budget) return reply;
+    if (trimmed[key] === undefined) continue;
+    delete trimmed[key];
+    reply = encodeVersionReply({ major: 0, minor, capabilities: trimmed });
+  }
+  return reply.length <= budget ? reply : null;
+}
+
 /** Capabilities to advertise, as the VERSION codec wants them. */
 function defaultsFor(caps: ReturnType<ServerCore['capabilities']>) {
   return {
@@ -368,7 +503,8 @@ function defaultsFor(caps: ReturnType<ServerCore['capabilities']>) {
     maxDmaMaps: caps.maxDmaMaps ?? 65535,
     pgsizes: caps.pgsizes ?? 4096n,
     writeMultiple: caps.writeMultiple ?? false,
-    twinSocket: { supported: false },
+    // Accepted whenever offered (reference §1.9 recommendation); always at fd index 0.
+    twinSocket: { supported: caps.twinSocket?.supported ?? true },
     migration: caps.migration,
   };
 }
