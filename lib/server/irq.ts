@@ -7,6 +7,7 @@
  * itself (MSI-X table, MSI per-vector mask) live in the PCI layer, which calls {@link IrqTable.trigger}
  * only for deliverable vectors. A vector masked here records a pending bit and fires on unmask.
  */
+import * as fs from 'node:fs';
 import { binding } from '../native/binding';
 import { Fd } from '../native/fd';
 import { Errno, IrqInfoFlags, IrqSetFlags, PciIrq } from '../protocol/constants';
@@ -86,8 +87,7 @@ export class IrqTable {
       return false;
     }
     const fd = irq.triggers[vector];
-    if (fd == null) return false;
-    binding.eventfdSignal(fd.value);
+    if (fd == null || !signal(fd)) return false;
     this.signalled[index]!++;
     return true;
   }
@@ -108,6 +108,11 @@ export class IrqTable {
     const { start, count } = req;
 
     if (data === IrqSetFlags.DATA_EVENTFD) {
+      // The client chooses what it sends: anything but an eventfd would fail (or block) later.
+      if (!fds.every(isEventfd)) {
+        Fd.closeAll(fds);
+        return Errno.EINVAL;
+      }
       const table = action === IrqSetFlags.ACTION_TRIGGER ? irq.triggers : action === IrqSetFlags.ACTION_MASK ? irq.maskFds : irq.unmaskFds;
       // Zero fds de-assigns the range (reference §3.8).
       for (let i = 0; i < count; i++) replace(table, start + i, fds.length === 0 ? null : fds[i]!);
@@ -133,7 +138,7 @@ export class IrqTable {
     const irq = this.indexes[index]!;
     irq.masked[vector] = masked ? 1 : 0;
     const notify = masked ? irq.maskFds[vector] : irq.unmaskFds[vector];
-    if (notify != null) binding.eventfdSignal(notify.value);
+    if (notify != null) signal(notify);
     if (!masked && irq.pending[vector] !== 0) {
       irq.pending[vector] = 0;
       this.trigger(index, vector);
@@ -163,6 +168,24 @@ export class IrqTable {
     if (data === IrqSetFlags.DATA_EVENTFD) return fdCount === 0 || fdCount === req.count ? 0 : Errno.EINVAL;
     if (fdCount !== 0) return Errno.EINVAL;
     return 0;
+  }
+}
+
+/** Signal an eventfd; false (never an exception) if the write failed. */
+function signal(fd: Fd): boolean {
+  try {
+    return binding.eventfdSignal(fd.value);
+  } catch {
+    return false;
+  }
+}
+
+/** True if `fd` is an eventfd (its /proc link reads "anon_inode:[eventfd]"). */
+function isEventfd(fd: Fd): boolean {
+  try {
+    return fs.readlinkSync(`/proc/self/fd/${fd.value}`) === 'anon_inode:[eventfd]';
+  } catch {
+    return false;
   }
 }
 

@@ -1,5 +1,5 @@
 import { describe, it, expect, afterEach } from 'vitest';
-import { Command, DeviceFlags, Errno, RegionInfoFlags } from '../../lib/protocol/constants';
+import { Command, DeviceFlags, Errno, IrqSetFlags, RegionInfoFlags } from '../../lib/protocol/constants';
 import { encodeVersion } from '../../lib/protocol/messages/version';
 import { encodeRegionInfoRequest, decodeRegionInfoReply } from '../../lib/protocol/messages/region';
 import { createMemfd } from '../../lib/native/memfd';
@@ -13,6 +13,23 @@ afterEach(async () => {
 });
 
 describe('what the device and the client can do', () => {
+  it('refuses SET_IRQS EVENTFD with an fd that is not an eventfd (and closes it)', async () => {
+    const s = await startServer(new TestDevice());
+    stops.push(s.stop);
+    const client = await rawClient(s.socketPath);
+    const notEventfd = createMemfd('not-an-eventfd', 4096);
+    const req = Buffer.alloc(20);
+    req.writeUInt32LE(20, 0); // argsz
+    req.writeUInt32LE(IrqSetFlags.DATA_EVENTFD | IrqSetFlags.ACTION_TRIGGER, 4);
+    req.writeUInt32LE(2, 8); // MSI-X
+    req.writeUInt32LE(0, 12); // start
+    req.writeUInt32LE(1, 16); // count
+    expect(await client.msg(Command.DEVICE_SET_IRQS, req, [notEventfd.value])).toBe(Errno.EINVAL);
+    notEventfd.close();
+    client.close();
+    // useFdLeakCheck: the server's received copy was closed.
+  });
+
   it('refuses DEVICE_RESET for a device that does not report RESET', async () => {
     const device = new TestDevice();
     (device as { flags: number }).flags = DeviceFlags.PCI;
