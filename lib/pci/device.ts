@@ -195,6 +195,7 @@ export class PciDevice implements VfioUserDevice {
       size,
       flags: RegionInfoFlags.READ,
       read: (offset, dst) => {
+        if (!inside(offset, dst.length, size)) return Errno.EINVAL;
         image.copy(dst, 0, offset, offset + dst.length);
       },
     };
@@ -206,13 +207,25 @@ export class PciDevice implements VfioUserDevice {
       size: config.size,
       flags: RegionInfoFlags.READ | RegionInfoFlags.WRITE,
       read: (offset, dst) => {
+        if (!inside(offset, dst.length, config.size)) return Errno.EINVAL;
         config.read(offset, dst);
       },
       write: (offset, src) => {
+        if (!inside(offset, src.length, config.size)) return Errno.EINVAL;
         config.write(offset, src);
       },
     };
   }
+}
+
+/**
+ * True if `[offset, offset + length)` lies in a region of `size` bytes. The server checks this
+ * before calling a region, but the regions are public (`device.regions`) and an access outside
+ * must be refused with EINVAL, not throw (config space) or half-succeed (a ROM read past the end
+ * would leave the rest of `dst` as it was and report success).
+ */
+function inside(offset: number, length: number, size: number): boolean {
+  return Number.isSafeInteger(offset) && offset >= 0 && offset + length <= size;
 }
 
 /** A BAR's region: the MSI-X table and PBA (if they live here) are served by the MSI-X model. */
@@ -228,12 +241,14 @@ function barRegion(bar: PciBar, index: number, msixCap: MsixCapability | null): 
     size: bar.size,
     flags: RegionInfoFlags.READ | RegionInfoFlags.WRITE,
     read: (offset, dst) => {
+      if (!inside(offset, dst.length, bar.size)) return Errno.EINVAL;
       if (within(table, offset, dst.length)) return msix!.readTable(offset - table!.offset, dst);
       if (within(pba, offset, dst.length)) return msix!.readPba(offset - pba!.offset, dst);
       if (overlaps(table, offset, dst.length) || overlaps(pba, offset, dst.length) || !bar.read) return Errno.EINVAL;
       return bar.read(offset, dst);
     },
     write: (offset, src) => {
+      if (!inside(offset, src.length, bar.size)) return Errno.EINVAL;
       if (within(table, offset, src.length)) return msix!.writeTable(offset - table!.offset, src);
       if (within(pba, offset, src.length)) return msix!.writePba(offset - pba!.offset, src);
       if (overlaps(table, offset, src.length) || overlaps(pba, offset, src.length) || !bar.write) return Errno.EINVAL;

@@ -14,6 +14,11 @@ import { Fd } from '../native/fd';
 import { Mapping } from '../native/mapping';
 import { DmaMapFlags, Errno } from '../protocol/constants';
 
+/** A dirty bitmap for `size` bytes at `pageSize` granularity (one bit per page). */
+function newLog(size: number, pageSize: number): Uint8Array {
+  return new Uint8Array(Math.ceil(size / pageSize / 8));
+}
+
 /** A device DMA that cannot be done: `errno` says why (ENOENT unmapped, EPERM permission...). */
 export class DmaError extends Error {
   override readonly name = 'DmaError';
@@ -59,6 +64,12 @@ export interface DmaMapRequest {
 }
 
 const PAGE = 4096;
+/** Largest single map (libvfio-user's limit on 64-bit hosts): ENOSPC above. */
+const MAX_MAP_SIZE = 2 ** 43;
+/** Largest dirty-tracking page (a client's hint above it is lowered to it). */
+const MAX_LOG_PAGE = 2 ** 30;
+/** Largest dirty bitmap one DMA_LOGGING_REPORT may ask for. */
+const MAX_REPORT_BITMAP = 64 * 1024 * 1024;
 const MAX_IOVA = BigInt(Number.MAX_SAFE_INTEGER);
 const ACCEPTED_MAP_FLAGS = DmaMapFlags.READ | DmaMapFlags.WRITE | DmaMapFlags.MMAP;
 
@@ -99,6 +110,7 @@ export class DmaSpace {
     if ((req.flags & ~ACCEPTED_MAP_FLAGS) !== 0 || (req.flags & (DmaMapFlags.READ | DmaMapFlags.WRITE)) === 0) return Errno.EINVAL;
     if ((req.flags & DmaMapFlags.MMAP) !== 0 && fd === null) return Errno.EINVAL;
     if (req.size === 0n || req.iova + req.size > MAX_IOVA) return Errno.EINVAL;
+    if (req.size > BigInt(MAX_MAP_SIZE)) return Errno.ENOSPC;
     const iova = Number(req.iova);
     const size = Number(req.size);
     if (iova % PAGE !== 0 || size % PAGE !== 0) return Errno.EINVAL;
@@ -128,8 +140,9 @@ export class DmaSpace {
       }
     }
     const region: DmaRegion = { iova, size, flags, mapping, fileOffset: fd === null ? 0n : req.offset, fileId };
+    // Only shared maps are logged: writes to message-only maps went through the client.
+    if (this.logPageSize > 0 && mapping !== null) this.dirty.set(region, newLog(size, this.logPageSize));
     this.regions.splice(at, 0, region);
-    if (this.logPageSize > 0) this.dirty.set(region, new Uint8Array(Math.ceil(size / this.logPageSize / 8)));
     return 0;
   }
 
@@ -300,10 +313,10 @@ export class DmaSpace {
 
   /** Start logging pages the device writes through shared memory. Returns the page size used. */
   startLogging(pageSize: number): number {
-    const size = Math.max(PAGE, 2 ** Math.ceil(Math.log2(Math.max(pageSize, 1))));
+    const size = Math.min(MAX_LOG_PAGE, Math.max(PAGE, 2 ** Math.ceil(Math.log2(Math.max(pageSize, 1)))));
     this.logPageSize = size;
     this.dirty.clear();
-    for (const r of this.regions) this.dirty.set(r, new Uint8Array(Math.ceil(r.size / size / 8)));
+    for (const r of this.regions) if (r.mapping !== null) this.dirty.set(r, newLog(r.size, size));
     return size;
   }
 
@@ -319,14 +332,22 @@ export class DmaSpace {
    */
   report(iova: number, length: number, pageSize: number): Buffer | number {
     if (!this.logging) return Errno.EINVAL;
+    if (!Number.isSafeInteger(pageSize) || pageSize < 1 || 2 ** Math.round(Math.log2(pageSize)) !== pageSize) return Errno.EINVAL;
     const region = this.find(iova);
     if (region === null || region.iova !== iova || region.size !== length) return Errno.EINVAL;
     const pages = Math.ceil(length / pageSize);
-    const out = Buffer.alloc(Math.ceil(pages / 64) * 8);
+    const bytes = Math.ceil(pages / 64) * 8;
+    if (bytes > MAX_REPORT_BITMAP) return Errno.EINVAL;
+    const out = Buffer.alloc(bytes);
     const log = this.dirty.get(region);
     if (log === undefined) return out;
     const logPages = Math.ceil(length / this.logPageSize);
     for (let p = 0; p < logPages; p++) {
+      // Clean bytes (8 pages) are skipped whole: dirty logs are usually sparse.
+      if ((p & 7) === 0 && log[p >> 3] === 0) {
+        p += 7;
+        continue;
+      }
       if ((log[p >> 3]! & (1 << (p & 7))) === 0) continue;
       const first = Math.floor((p * this.logPageSize) / pageSize);
       const last = Math.floor((Math.min(length, (p + 1) * this.logPageSize) - 1) / pageSize);

@@ -118,6 +118,7 @@ export class Session {
   ) {
     this.refreshViews();
     conn.onRequest = (msg) => this.onRequest(msg);
+    conn.orderedRejects = true;
   }
 
   get device(): VfioUserDevice {
@@ -238,6 +239,8 @@ export class Session {
   }
 
   private dispatch(msg: IncomingMessage): HandlerResult | Promise<HandlerResult> {
+    // Refused by the connection (too large, too many fds), answered here in its turn.
+    if (msg.rejected !== 0 && this.negotiated !== null) return msg.rejected;
     if (this.negotiated === null) {
       if (msg.command !== Command.VERSION) {
         debug('command %d before VERSION: closing', msg.command);
@@ -522,14 +525,14 @@ const HANDLERS: Partial<Record<number, Handler>> = {
   [Command.DMA_UNMAP]: async (s, msg) => {
     const req = decodeDmaUnmapRequest(msg.payload);
     if (msg.fdCount !== 0 || req.argsz < 24) return Errno.EINVAL;
+    // Only 0 and ALL: the legacy dirty bitmap (migration v1) is not supported.
+    if (req.flags !== 0 && req.flags !== DmaUnmapFlags.ALL) return Errno.EINVAL;
     const echo = encodeDmaUnmapReply({ argsz: req.argsz, flags: req.flags, address: req.address, size: req.size });
     if (req.flags === DmaUnmapFlags.ALL) {
       if (req.address !== 0n || req.size !== 0n) return Errno.EINVAL;
       await s.core.dma.removeAll();
       return echo;
     }
-    // The legacy dirty bitmap (migration v1) is not supported.
-    if (req.flags !== 0) return Errno.EINVAL;
     const errno = await s.core.dma.remove(req.address, req.size);
     return errno || echo;
   },

@@ -60,6 +60,8 @@ export class IncomingMessage {
   payloadLength = 0;
   /** True if the message was larger than the connection's limit and its payload was dropped. */
   oversized = false;
+  /** Set (to an errno) on a command the connection refused; see {@link Connection.orderedRejects}. */
+  rejected = 0;
   /** True once a reply was sent (or suppressed for a No_reply command). */
   replied = false;
   /** @internal raw fds not yet taken; entries become -1 when taken. */
@@ -107,6 +109,7 @@ export class IncomingMessage {
     copy.payloadOffset = 0;
     copy.payloadLength = this.payloadLength;
     copy.oversized = this.oversized;
+    copy.rejected = this.rejected;
     copy.rawFds = this.rawFds;
     this.rawFds = null;
     // The original is answered through the copy from now on.
@@ -173,6 +176,12 @@ export class Connection extends EventEmitter {
   state: ConnectionState = 'open';
   /** Handler for commands from the peer. Unset: every command gets ENOSYS. */
   onRequest: ((msg: IncomingMessage, conn: Connection) => void) | null = null;
+  /**
+   * Hand commands the connection refuses (too large, too many fds) to {@link onRequest} with
+   * `msg.rejected` set, instead of answering them at once, so a handler that runs commands in
+   * order can answer them in their turn (reference §1.8). Their fds are closed as usual.
+   */
+  orderedRejects = false;
 
   readonly maxRecvFds: number;
   maxSendFds: number;
@@ -541,6 +550,7 @@ export class Connection extends EventEmitter {
       msg.oversized = framed.oversized;
       msg.rawFds = framed.fds;
       msg.replied = false;
+      msg.rejected = 0;
       const type = framed.flags & HeaderFlags.TYPE_MASK;
       if (type === HeaderFlags.TYPE_REPLY) this.onReply(msg);
       else if (type === HeaderFlags.TYPE_COMMAND) this.onCommand(msg);
@@ -550,14 +560,15 @@ export class Connection extends EventEmitter {
   }
 
   private onCommand(msg: IncomingMessage): void {
-    if (msg.oversized) {
-      debug('%s: command %d of %d bytes exceeds the %d-byte limit', this.name, msg.command, this.framed.size, this.maxMessageSize);
-      this.replyError(msg, Errno.EINVAL);
-      return;
-    }
-    if (msg.fdCount > this.maxRecvFds) {
-      this.replyError(msg, Errno.EINVAL);
-      return;
+    if (msg.oversized || msg.fdCount > this.maxRecvFds) {
+      if (msg.oversized) debug('%s: command %d of %d bytes exceeds the %d-byte limit', this.name, msg.command, this.framed.size, this.maxMessageSize);
+      msg.rejected = Errno.EINVAL;
+      // A handler that executes commands in order answers these in their turn (so the error
+      // cannot overtake the reply to an earlier command); otherwise answer at once.
+      if (!this.orderedRejects || this.onRequest === null) {
+        this.replyError(msg, Errno.EINVAL);
+        return;
+      }
     }
     const handler = this.onRequest;
     if (handler === null) {

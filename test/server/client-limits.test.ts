@@ -3,7 +3,7 @@ import { Command, DeviceFlags, Errno, IrqSetFlags, RegionInfoFlags } from '../..
 import { encodeVersion } from '../../lib/protocol/messages/version';
 import { encodeRegionInfoRequest, decodeRegionInfoReply } from '../../lib/protocol/messages/region';
 import { createMemfd } from '../../lib/native/memfd';
-import { rawClient, startServer, TestDevice } from '../helpers/server';
+import { rawClient, regionAccess, startServer, TestDevice } from '../helpers/server';
 import { useFdLeakCheck } from '../helpers/fds';
 
 useFdLeakCheck();
@@ -13,6 +13,27 @@ afterEach(async () => {
 });
 
 describe('what the device and the client can do', () => {
+  it('answers a command the connection refuses (too large) in its turn, after earlier slow ones', async () => {
+    const device = new TestDevice();
+    const slowRead = device.regions[0]!.read!;
+    Object.assign(device.regions[0]!, {
+      read: (offset: number, dst: Buffer) => new Promise<void>((r) => setTimeout(() => r(slowRead(offset, dst) as void), 50)),
+    });
+    const s = await startServer(device);
+    stops.push(s.stop);
+    const client = await rawClient(s.socketPath);
+    const order: string[] = [];
+    const slow = client.msg(Command.REGION_READ, regionAccess(0, 0, 4)).then((r) => order.push(`read:${typeof r}`));
+    const huge = Buffer.alloc(16 + (2 << 20)); // above max_data_xfer_size + slack: refused unread
+    huge.writeUInt32LE(0, 8);
+    huge.writeUInt32LE(2 << 20, 12);
+    const big = client.msg(Command.REGION_WRITE, huge).then((r) => order.push(`big:${String(r)}`));
+    await Promise.all([slow, big]);
+    expect(order).toEqual(['read:object', `big:${Errno.EINVAL}`]);
+    client.close();
+  });
+
+
   it('refuses SET_IRQS EVENTFD with an fd that is not an eventfd (and closes it)', async () => {
     const s = await startServer(new TestDevice());
     stops.push(s.stop);

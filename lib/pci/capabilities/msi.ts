@@ -104,9 +104,14 @@ export class MsiCapability extends PlacedCapability implements Capability {
     return (this.u16(MsiCap.FLAGS) & MsiFlags.ENABLE) !== 0;
   }
 
-  /** Vectors granted by software (Multiple Message Enable), 1..{@link vectors}. */
+  /**
+   * Vectors granted by software (Multiple Message Enable), 1..{@link vectors}. Clamped here too,
+   * not only by the write hook: within one config write, COMMAND listeners run before the hooks
+   * (a write from COMMAND to the MSI flags that sets bus master and an oversized Multiple Message
+   * Enable made `retryPending` walk past the last vector and throw).
+   */
   get enabledVectors(): number {
-    return 1 << ((this.u16(MsiCap.FLAGS) & MsiFlags.QSIZE) >> 4);
+    return Math.min(1 << ((this.u16(MsiCap.FLAGS) & MsiFlags.QSIZE) >> 4), this.vectors);
   }
 
   /** Message address programmed by the guest. */
