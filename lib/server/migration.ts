@@ -78,6 +78,19 @@ export class Migration {
     return 0;
   }
 
+  /**
+   * The client went away: its data session ends with it. A saving or loading state falls back to
+   * the state the device is really in (PRE_COPY -> RUNNING, STOP_COPY and RESUMING -> STOP, the
+   * partial stream dropped, nothing loaded), so the next client starts from a plain state.
+   */
+  abortSession(): void {
+    this.outgoing = null;
+    this.sent = 0;
+    this.incoming = [];
+    if (this.state === PRE_COPY) this.state = RUNNING;
+    else if (this.state === STOP_COPY || this.state === RESUMING) this.state = STOP;
+  }
+
   /** Reset: ERROR recovers to RUNNING; other states are left alone (reference §5.3 decision). */
   onReset(): void {
     if (this.state === ERROR) this.state = RUNNING;

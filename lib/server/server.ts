@@ -242,6 +242,7 @@ export class VfioUserServer extends EventEmitter implements ServerCore {
     this.cleanup = (async () => {
       this.irqs.clear();
       this.dma.transport = null;
+      this.migration?.abortSession();
       try {
         // The device stops its I/O first, so the unmaps below need not wait on it. A connection
         // that never negotiated (e.g. a liveness probe) cannot have changed anything.

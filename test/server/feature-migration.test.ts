@@ -7,7 +7,7 @@
 import { describe, it, expect } from 'vitest';
 import { Command, DeviceFeature, DmaMapFlags, Errno, MigState } from '../../lib/protocol/constants';
 import type { MigrationHooks } from '../../lib/server/migration';
-import { regionAccess, TestDevice, type RawClient } from '../helpers/server';
+import { rawClient, regionAccess, TestDevice, type RawClient } from '../helpers/server';
 import { useFdLeakCheck } from '../helpers/fds';
 import { dmaMap, feature, guestMemory, setup, u32s, u64, useTeardown } from './support';
 
@@ -366,5 +366,27 @@ describe('DMA logging', () => {
     // A new session starts clean.
     expect(await client.msg(Command.DEVICE_FEATURE, start(PAGE))).toBeInstanceOf(Buffer);
     expect(bits(await client.msg(Command.DEVICE_FEATURE, report(IOVA, 16 * PAGE, PAGE)))).toEqual([]);
+  });
+});
+
+describe('migration across a client hang-up', () => {
+  it('a saving or loading session ends with its client: the next client finds a plain state', async () => {
+    const device = new MigratableDevice();
+    const { server, socketPath, client } = await setup(device);
+    expect(await setState(client, RESUMING)).toBeInstanceOf(Buffer);
+    expect(await migWrite(client, Buffer.from('half a stream'))).toBeInstanceOf(Buffer);
+    const gone = new Promise((r) => server.once('disconnect', r));
+    client.close();
+    await gone;
+    const next = await rawClient(socketPath);
+    try {
+      // STOP, not RESUMING, and nothing of the half stream was loaded.
+      expect(await getState(next)).toBe(STOP);
+      expect(device.loaded).toBeNull();
+      expect(await setState(next, RUNNING)).toBeInstanceOf(Buffer);
+      expect(await getState(next)).toBe(RUNNING);
+    } finally {
+      next.close();
+    }
   });
 });
