@@ -1,34 +1,18 @@
-import { afterEach, describe, expect, it } from 'vitest';
+import { describe, expect, it } from 'vitest';
 import { binding } from '../../lib/native/binding';
 import { Fd } from '../../lib/native/fd';
 import { createMemfd } from '../../lib/native/memfd';
-import { VfioUserClient, type ClientOptions } from '../../lib/client';
+import { VfioUserClient } from '../../lib/client';
 import { Command, DeviceFlags, Errno, HeaderFlags } from '../../lib/protocol/constants';
 import { ProtocolError, VfioUserError } from '../../lib/protocol/errors';
 import { decodeVersion } from '../../lib/protocol/messages/version';
 import { countOpenFds, useFdLeakCheck } from '../helpers/fds';
 import { startServer, TestDevice } from '../helpers/server';
-import { FakeServer, LVU_2022_VERSION_JSON, header, lvuHandler, until, type LvuOptions, type RawMessage } from './fixtures';
+import { connect, fakeServer, defer, useCleanup, FakeServer, LVU_2022_VERSION_JSON, header, until, type RawMessage } from './fixtures';
 
 useFdLeakCheck();
 
-let cleanup: (() => unknown)[] = [];
-afterEach(async () => {
-  for (const c of cleanup.reverse()) await c();
-  cleanup = [];
-});
-
-function fakeServer(options: LvuOptions = {}): FakeServer {
-  const fake = new FakeServer(lvuHandler(options));
-  cleanup.push(() => fake.close());
-  return fake;
-}
-
-async function connect(path: string, options: ClientOptions = {}): Promise<VfioUserClient> {
-  const client = await VfioUserClient.connect(path, { timeoutMs: 1000, ...options });
-  cleanup.push(() => client.close());
-  return client;
-}
+useCleanup();
 
 /** A VERSION reply payload carrying `json` (NUL added unless `nul` is false). */
 function versionReply(json: string, minor = 2, major = 0, nul = true): Buffer {
@@ -203,7 +187,7 @@ describe('connect: bring-up', () => {
   it('negotiates 0.2 with our server and learns regions and IRQs', async () => {
     const device = new TestDevice();
     const s = await startServer(device);
-    cleanup.push(s.stop);
+    defer(s.stop);
     const client = await connect(s.socketPath);
     expect(client.negotiated.major).toBe(0);
     expect(client.negotiated.minor).toBe(2);
@@ -220,7 +204,7 @@ describe('connect: bring-up', () => {
 
   it('proposes 0.0 like QEMU when asked', async () => {
     const s = await startServer(new TestDevice());
-    cleanup.push(s.stop);
+    defer(s.stop);
     const client = await connect(s.socketPath, { version: { major: 0, minor: 0 } });
     expect(client.negotiated.minor).toBe(0);
     expect(s.server.negotiated?.minor).toBe(0);
@@ -270,7 +254,7 @@ describe('connect: bring-up', () => {
         },
       },
     });
-    cleanup.push(() => twin.fd?.close());
+    defer(() => twin.fd?.close());
     const client = await connect(fake.path);
     expect(client.twinSocket).toBe(true);
     const mem = await client.mapWithoutFd(Buffer.alloc(4096, 0x5a), { iova: 0x40000 });

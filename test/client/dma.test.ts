@@ -1,38 +1,15 @@
-import { afterEach, describe, expect, it } from 'vitest';
+import { describe, expect, it } from 'vitest';
 import { createMemfd } from '../../lib/native/memfd';
-import { VfioUserClient, type ClientOptions } from '../../lib/client';
+import { type ClientOptions } from '../../lib/client';
 import { Command, DmaMapFlags, Errno, HeaderFlags } from '../../lib/protocol/constants';
 import { ProtocolError, VfioUserError } from '../../lib/protocol/errors';
 import { useFdLeakCheck } from '../helpers/fds';
 import { startServer, TestDevice } from '../helpers/server';
-import { FakeServer, lvuHandler, type LvuOptions, type RawMessage } from './fixtures';
+import { rejection, connect, fakeServer, defer, useCleanup, lvuHandler, type RawMessage } from './fixtures';
 
 useFdLeakCheck();
 
-let cleanup: (() => unknown)[] = [];
-afterEach(async () => {
-  for (const c of cleanup.reverse()) await c();
-  cleanup = [];
-});
-
-function fakeServer(options: LvuOptions = {}): FakeServer {
-  const fake = new FakeServer(lvuHandler(options));
-  cleanup.push(() => fake.close());
-  return fake;
-}
-
-async function connect(path: string, options: ClientOptions = {}): Promise<VfioUserClient> {
-  const client = await VfioUserClient.connect(path, { timeoutMs: 1000, ...options });
-  cleanup.push(() => client.close());
-  return client;
-}
-
-async function rejection(p: Promise<unknown>): Promise<unknown> {
-  return p.then(
-    () => null,
-    (e: unknown) => e,
-  );
-}
+useCleanup();
 
 function dmaReq(address: bigint, count: bigint | number, data?: Buffer): Buffer {
   const b = Buffer.alloc(16);
@@ -168,7 +145,7 @@ describe('DMA maps', () => {
   it('shares memfd-backed memory with our server both ways, and unmaps it', async () => {
     const device = new TestDevice();
     const s = await startServer(device);
-    cleanup.push(s.stop);
+    defer(s.stop);
     const client = await connect(s.socketPath);
     const mem = await client.allocateDma(10000, { iova: 0x200000 });
     expect(mem).toMatchObject({ iova: 0x200000, size: 12288, shared: true, writable: true });
@@ -190,7 +167,7 @@ describe('DMA maps', () => {
 
   it('places maps without an iova at free page-aligned addresses', async () => {
     const s = await startServer(new TestDevice());
-    cleanup.push(s.stop);
+    defer(s.stop);
     const client = await connect(s.socketPath);
     const a = await client.allocateDma(4096);
     const b = await client.allocateDma(8192);
@@ -214,7 +191,7 @@ describe('DMA maps', () => {
 
   it('serves our server\'s DMA_READ/DMA_WRITE for memory mapped without an fd, split by the limit', async () => {
     const s = await startServer(new TestDevice(), { maxDataXferSize: 4096 });
-    cleanup.push(s.stop);
+    defer(s.stop);
     const client = await connect(s.socketPath, { maxDataXferSize: 4096 });
     const buffer = Buffer.alloc(0x4000);
     const mem = await client.mapWithoutFd(buffer, { iova: 0x300000 });

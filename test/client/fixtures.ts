@@ -4,6 +4,8 @@
  * it (replaying what peer-traces/ show), and small devices for our own server.
  */
 import * as fs from 'node:fs';
+import { afterEach } from 'vitest';
+import { VfioUserClient, type ClientOptions } from '../../lib/client';
 import { binding } from '../../lib/native/binding';
 import { Fd } from '../../lib/native/fd';
 import { Mapping } from '../../lib/native/mapping';
@@ -475,4 +477,42 @@ export async function until(cond: () => boolean, ms = 2000): Promise<void> {
     if (Date.now() > end) throw new Error('condition not met in time');
     await tick(2);
   }
+}
+
+// ---- per-test teardown shared by the client test files ----
+
+const cleanups: (() => unknown)[] = [];
+
+/** Run `fn` after the current test (in reverse order of registration). */
+export function defer(fn: () => unknown): void {
+  cleanups.push(fn);
+}
+
+/** Registers the afterEach hook that runs everything {@link defer}red; call once per file. */
+export function useCleanup(): void {
+  afterEach(async () => {
+    for (const c of cleanups.splice(0).reverse()) await c();
+  });
+}
+
+/** A libvfio-user-like fake server, closed after the test. */
+export function fakeServer(options: LvuOptions = {}): FakeServer {
+  const fake = new FakeServer(lvuHandler(options));
+  defer(() => fake.close());
+  return fake;
+}
+
+/** Our client on `path` (1 s reply timeout unless overridden), closed after the test. */
+export async function connect(path: string, options: ClientOptions = {}): Promise<VfioUserClient> {
+  const client = await VfioUserClient.connect(path, { timeoutMs: 1000, ...options });
+  defer(() => client.close());
+  return client;
+}
+
+/** The rejection reason of `p`, or null if it resolved. */
+export function rejection(p: Promise<unknown>): Promise<unknown> {
+  return p.then(
+    () => null,
+    (e: unknown) => e,
+  );
 }

@@ -1,45 +1,22 @@
-import { afterEach, describe, expect, it } from 'vitest';
-import { VfioUserClient, type ClientOptions, type IrqEvent } from '../../lib/client';
+import { describe, expect, it } from 'vitest';
+import { type IrqEvent } from '../../lib/client';
 import { Command, Errno, IrqSetFlags, PciIrq } from '../../lib/protocol/constants';
 import { ProtocolError, VfioUserError } from '../../lib/protocol/errors';
 import { useFdLeakCheck } from '../helpers/fds';
 import { startServer, TestDevice } from '../helpers/server';
 import type { ServerOptions } from '../../lib/server/server';
-import { FakeServer, lvuHandler, tick, until, type LvuOptions } from './fixtures';
+import { rejection, connect, fakeServer, defer, useCleanup, tick, until } from './fixtures';
 
 useFdLeakCheck();
 
-let cleanup: (() => unknown)[] = [];
-afterEach(async () => {
-  for (const c of cleanup.reverse()) await c();
-  cleanup = [];
-});
-
-function fakeServer(options: LvuOptions = {}): FakeServer {
-  const fake = new FakeServer(lvuHandler(options));
-  cleanup.push(() => fake.close());
-  return fake;
-}
-
-async function connect(path: string, options: ClientOptions = {}): Promise<VfioUserClient> {
-  const client = await VfioUserClient.connect(path, { timeoutMs: 1000, ...options });
-  cleanup.push(() => client.close());
-  return client;
-}
+useCleanup();
 
 async function ourServer(options: ServerOptions = {}) {
   const device = new TestDevice();
   const s = await startServer(device, options);
-  cleanup.push(s.stop);
+  defer(s.stop);
   const client = await connect(s.socketPath);
   return { s, device, client, irqs: s.server.irqs };
-}
-
-async function rejection(p: Promise<unknown>): Promise<unknown> {
-  return p.then(
-    () => null,
-    (e: unknown) => e,
-  );
 }
 
 describe('interrupts: refusals', () => {

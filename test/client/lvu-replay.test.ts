@@ -2,7 +2,7 @@
  * Replays of the libvfio-user server behaviour recorded in shared/peer-traces/ (QEMU 11.1 against
  * libvfio-user's gpio sample, HEAD and 2022 builds), with our client in QEMU's seat.
  */
-import { afterEach, describe, expect, it } from 'vitest';
+import { describe, expect, it } from 'vitest';
 import { createMemfd } from '../../lib/native/memfd';
 import { PciFunction, VfioUserClient } from '../../lib/client';
 import { Command, DeviceFlags, Errno, HeaderFlags, PciIrq, RegionInfoFlags } from '../../lib/protocol/constants';
@@ -10,15 +10,11 @@ import { VfioUserError } from '../../lib/protocol/errors';
 import { sparseMmapCap } from '../../lib/protocol/messages/region';
 import { useFdLeakCheck } from '../helpers/fds';
 import { startServer, TestDevice } from '../helpers/server';
-import { FakeServer, LVU_2022_VERSION_JSON, LVU_VERSION_JSON, lvuHandler, lvuRegions, type RawMessage } from './fixtures';
+import { defer, useCleanup, FakeServer, LVU_2022_VERSION_JSON, LVU_VERSION_JSON, lvuHandler, lvuRegions, type RawMessage } from './fixtures';
 
 useFdLeakCheck();
 
-let cleanup: (() => unknown)[] = [];
-afterEach(async () => {
-  for (const c of cleanup.reverse()) await c();
-  cleanup = [];
-});
+useCleanup();
 
 const summary = (m: RawMessage): string => {
   const p = m.payload;
@@ -37,9 +33,9 @@ const summary = (m: RawMessage): string => {
 describe('libvfio-user HEAD gpio sample (peer-traces)', () => {
   it('brings the device up like QEMU and runs its session', async () => {
     const fake = new FakeServer(lvuHandler({ versionJson: LVU_VERSION_JSON }));
-    cleanup.push(() => fake.close());
+    defer(() => fake.close());
     const client = await VfioUserClient.connect(fake.path, { version: { major: 0, minor: 0 } });
-    cleanup.push(() => client.close());
+    defer(() => client.close());
 
     // VERSION 0.0 -> 0.0; then info for every region (QEMU skips 6 and 8) and IRQ index.
     expect(client.negotiated.minor).toBe(0);
@@ -97,9 +93,9 @@ describe('libvfio-user HEAD gpio sample (peer-traces)', () => {
 
   it('gets ENOENT for a range it unmaps twice on the server (trace: unmap of unknown maps)', async () => {
     const fake = new FakeServer(lvuHandler());
-    cleanup.push(() => fake.close());
+    defer(() => fake.close());
     const client = await VfioUserClient.connect(fake.path);
-    cleanup.push(() => client.close());
+    defer(() => client.close());
     const mem = await client.allocateDma(4096, { iova: 0x5000 });
     // Someone else (a previous session) already removed it on the server.
     fake.handler = lvuHandler({ overrides: { [Command.DMA_UNMAP]: (m, f) => (f.reply(m, undefined, { error: Errno.ENOENT }), true) } });
@@ -112,7 +108,7 @@ describe('libvfio-user HEAD gpio sample (peer-traces)', () => {
 describe('libvfio-user 2022 server sample (peer-traces)', () => {
   it('accepts 0.1, ten regions, an 8-byte BAR0 and BAR1 mappable with one fd per area', async () => {
     const files = [createMemfd('bar1-a', 0x3000), createMemfd('bar1-b', 0x3000)];
-    cleanup.push(() => files.forEach((f) => f.close()));
+    defer(() => files.forEach((f) => f.close()));
     const regions = [...lvuRegions(), null];
     regions[0] = { flags: RegionInfoFlags.READ | RegionInfoFlags.WRITE, size: 8 };
     regions[1] = {
@@ -127,9 +123,9 @@ describe('libvfio-user 2022 server sample (peer-traces)', () => {
       fds: () => files.map((f) => f.value),
     };
     const fake = new FakeServer(lvuHandler({ versionJson: LVU_2022_VERSION_JSON, maxMinor: 1, regions }));
-    cleanup.push(() => fake.close());
+    defer(() => fake.close());
     const client = await VfioUserClient.connect(fake.path);
-    cleanup.push(() => client.close());
+    defer(() => client.close());
     expect(client.negotiated.minor).toBe(1);
     expect(client.device.numRegions).toBe(10);
     expect(client.region(0).size).toBe(8);
@@ -144,9 +140,9 @@ describe('reset', () => {
   it('resets our server\'s device, keeping DMA maps and eventfds', async () => {
     const device = new TestDevice();
     const s = await startServer(device);
-    cleanup.push(s.stop);
+    defer(s.stop);
     const client = await VfioUserClient.connect(s.socketPath);
-    cleanup.push(() => client.close());
+    defer(() => client.close());
     const mem = await client.allocateDma(4096);
     await client.enableIrqs(PciIrq.MSIX, 2);
     await client.reset();
@@ -158,17 +154,17 @@ describe('reset', () => {
 
   it('refuses to reset a device without RESET, and reports a failed reset', async () => {
     const noReset = new FakeServer(lvuHandler({ deviceFlags: DeviceFlags.PCI }));
-    cleanup.push(() => noReset.close());
+    defer(() => noReset.close());
     const a = await VfioUserClient.connect(noReset.path);
-    cleanup.push(() => a.close());
+    defer(() => a.close());
     const e1 = (await a.reset().catch((e: unknown) => e)) as VfioUserError;
     expect(e1.errno).toBe(Errno.ENOTSUP);
     expect(noReset.received.some((m) => m.command === Command.DEVICE_RESET)).toBe(false);
 
     const failing = new FakeServer(lvuHandler({ overrides: { [Command.DEVICE_RESET]: (m, f) => (f.reply(m, undefined, { error: Errno.EIO }), true) } }));
-    cleanup.push(() => failing.close());
+    defer(() => failing.close());
     const b = await VfioUserClient.connect(failing.path);
-    cleanup.push(() => b.close());
+    defer(() => b.close());
     const e2 = (await b.reset().catch((e: unknown) => e)) as VfioUserError;
     expect(e2.errno).toBe(Errno.EIO);
     expect(e2.command).toBe(Command.DEVICE_RESET);

@@ -1,4 +1,4 @@
-import { afterEach, describe, expect, it } from 'vitest';
+import { describe, expect, it } from 'vitest';
 import {
   PciFunction,
   VfioUserClient,
@@ -11,15 +11,12 @@ import { DeviceFlags, RegionInfoFlags } from '../../lib/protocol/constants';
 import { CapId, ExtCapId } from '../../lib/pci/ids';
 import type { DeviceContext, DeviceRegion, VfioUserDevice } from '../../lib/server/device';
 import { useFdLeakCheck } from '../helpers/fds';
+import { useCleanup, defer } from './fixtures';
 import { startServer, TestDevice } from '../helpers/server';
 
 useFdLeakCheck();
 
-let cleanup: (() => unknown)[] = [];
-afterEach(async () => {
-  for (const c of cleanup.reverse()) await c();
-  cleanup = [];
-});
+useCleanup();
 
 function put(b: Buffer, at: number, size: 1 | 2 | 4, v: number): void {
   b.writeUIntLE(v >>> 0, at, size);
@@ -121,9 +118,9 @@ class PcieTestDevice implements VfioUserDevice {
 
 async function open(device: VfioUserDevice): Promise<{ client: VfioUserClient; fn: PciFunction }> {
   const s = await startServer(device);
-  cleanup.push(s.stop);
+  defer(s.stop);
   const client = await VfioUserClient.connect(s.socketPath);
-  cleanup.push(() => client.close());
+  defer(() => client.close());
   return { client, fn: await PciFunction.open(client) };
 }
 

@@ -1,41 +1,17 @@
-import { afterEach, describe, expect, it } from 'vitest';
+import { describe, expect, it } from 'vitest';
 import fc from 'fast-check';
 import { createMemfd } from '../../lib/native/memfd';
-import { VfioUserClient, type ClientOptions } from '../../lib/client';
 import { Command, Errno, HeaderFlags, RegionInfoFlags } from '../../lib/protocol/constants';
 import { ProtocolError, VfioUserError } from '../../lib/protocol/errors';
 import { sparseMmapCap } from '../../lib/protocol/messages/region';
 import { decodeRegionWriteMultiRequest } from '../../lib/protocol/messages/access';
 import { useFdLeakCheck } from '../helpers/fds';
 import { startServer, TestDevice } from '../helpers/server';
-import { FakeServer, MmapDevice, lvuHandler, lvuConfig, lvuRegions, type FakeRegion, type LvuOptions, type RawMessage } from './fixtures';
+import { rejection, connect, fakeServer, defer, useCleanup, FakeServer, MmapDevice, lvuConfig, lvuRegions, type FakeRegion, type RawMessage } from './fixtures';
 
 useFdLeakCheck();
 
-let cleanup: (() => unknown)[] = [];
-afterEach(async () => {
-  for (const c of cleanup.reverse()) await c();
-  cleanup = [];
-});
-
-function fakeServer(options: LvuOptions = {}): FakeServer {
-  const fake = new FakeServer(lvuHandler(options));
-  cleanup.push(() => fake.close());
-  return fake;
-}
-
-async function connect(path: string, options: ClientOptions = {}): Promise<VfioUserClient> {
-  const client = await VfioUserClient.connect(path, { timeoutMs: 1000, ...options });
-  cleanup.push(() => client.close());
-  return client;
-}
-
-async function rejection(p: Promise<unknown>): Promise<unknown> {
-  return p.then(
-    () => null,
-    (e: unknown) => e,
-  );
-}
+useCleanup();
 
 /** Config space whose BAR0 is a 32-bit memory BAR and BAR2 an I/O BAR. */
 function memBarConfig(): Buffer {
@@ -364,7 +340,7 @@ describe('region access', () => {
   it('reads and writes our server, posted writes included, and accepts count-0 accesses', async () => {
     const device = new TestDevice();
     const s = await startServer(device);
-    cleanup.push(s.stop);
+    defer(s.stop);
     const client = await connect(s.socketPath);
     await client.writeUint(0, 8, 4, 0xdeadbeef);
     await client.writeUint64(0, 16, 0x0123456789abcdefn);
@@ -435,7 +411,7 @@ describe('region access', () => {
   it('floods our server with posted writes (WRITE_MULTI when congested) and ends consistent', async () => {
     const device = new TestDevice();
     const s = await startServer(device);
-    cleanup.push(s.stop);
+    defer(s.stop);
     const client = await connect(s.socketPath, { congestionThreshold: 8 * 1024 });
     expect(client.negotiated.writeMultiple).toBe(true);
     const n = 30000;
@@ -450,7 +426,7 @@ describe('region access', () => {
   it('round-trips any write through reads of any split (property)', async () => {
     const device = new TestDevice();
     const s = await startServer(device, { maxDataXferSize: 512 });
-    cleanup.push(s.stop);
+    defer(s.stop);
     const client = await connect(s.socketPath, { writeChunkSize: 300 });
     await fc.assert(
       fc.asyncProperty(
@@ -473,7 +449,7 @@ describe('mappable regions', () => {
   it('maps sparse areas shared with the server and turns posted writes off', async () => {
     const device = new MmapDevice();
     const s = await startServer(device);
-    cleanup.push(s.stop);
+    defer(s.stop);
     const client = await connect(s.socketPath);
     const info = client.region(0);
     expect(info).toMatchObject({ size: 16384, mmapFlag: true, mappable: true, mmapUnavailable: null, areas: [{ offset: 0x1000, size: 0x2000 }] });
@@ -505,7 +481,7 @@ describe('mappable regions', () => {
 
   it('maps libvfio-user 2022\'s one-fd-per-area regions (peer-traces: BAR1 with 2 fds)', async () => {
     const files = [createMemfd('area0', 0x3000), createMemfd('area1', 0x3000)];
-    cleanup.push(() => files.forEach((f) => f.close()));
+    defer(() => files.forEach((f) => f.close()));
     const regions = lvuRegions();
     regions[1] = {
       flags: RegionInfoFlags.READ | RegionInfoFlags.WRITE | RegionInfoFlags.MMAP,
