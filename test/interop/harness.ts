@@ -50,8 +50,20 @@ function paths(dir = interopDir()) {
 
 const SETUP_HINT = 'run `bash scripts/setup-interop.sh` (as root) to fetch QEMU 11.1 and the guest';
 
-/** Whether the interop cache is complete; `reason` says what is missing when it is not. */
+/**
+ * Whether the interop cache is complete; `reason` says what is missing when it is not. Tests skip
+ * on `ok: false` only on a developer machine: with VFIO_USER_REQUIRE_INTEROP=1 (set by .ci/run,
+ * which installs the cache) a missing cache throws, so CI fails instead of skipping.
+ */
 export function interopAvailable(): { ok: boolean; reason?: string } {
+  const result = checkInterop();
+  if (!result.ok && process.env.VFIO_USER_REQUIRE_INTEROP === '1') {
+    throw new Error(`interop tests are required here (VFIO_USER_REQUIRE_INTEROP=1) but ${result.reason}`);
+  }
+  return result;
+}
+
+function checkInterop(): { ok: boolean; reason?: string } {
   if (process.platform !== 'linux' || process.arch !== 'x64') {
     return { ok: false, reason: `interop tests need linux/x64, not ${process.platform}/${process.arch}` };
   }
