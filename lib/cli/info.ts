@@ -4,15 +4,16 @@
 import { VfioUserClient } from '../client/client';
 import { PciFunction } from '../client/pci';
 import { DeviceFlags, IrqInfoFlags, RegionInfoFlags } from '../protocol/constants';
-import { CapId, ExtCapId } from '../pci/ids';
+import { CapId, Cfg, ExtCapId, Rom } from '../pci/ids';
 import type { CliCommand } from './main';
 
 const USAGE = `Usage: vfio-user info SOCKET [options]
 
 Connect to the vfio-user server on SOCKET and describe its device: negotiated version and
 capabilities, device flags, regions (flags, sizes, mmap-able areas), IRQ indexes, and the decoded
-PCI config space (IDs, class, BARs sized by probing, capabilities). The device is only read,
-except for the standard BAR sizing probe, which restores every BAR.
+PCI config space (IDs, class, BARs sized by probing with their addresses, capabilities). The
+device is only read, except for the standard BAR sizing probe, which restores every BAR: BARs
+are shown as the server has them, 'unassigned' until a driver (or firmware) gives them an address.
 
 Options:
   --json              one JSON document on stdout
@@ -51,8 +52,10 @@ export interface DeviceReport {
     command: string;
     status: string;
     interruptPin: number;
-    bars: { index: number; kind: string; is64: boolean; prefetchable: boolean; size: string }[];
+    bars: { index: number; kind: string; is64: boolean; prefetchable: boolean; size: string; address: string; assigned: boolean }[];
     romSize: number;
+    /** The ROM BAR's address (0x0: unassigned) and enable bit. */
+    rom: { size: string; address: string; assigned: boolean; enabled: boolean } | null;
     capabilities: { offset: string; id: string; name: string }[];
     extendedCapabilities: { offset: string; id: string; name: string; version: number }[];
     msix: { tableSize: number; table: string; pba: string; enabled: boolean; functionMasked: boolean } | null;
@@ -102,6 +105,8 @@ export async function describeDevice(socket: string, timeoutMs: number): Promise
       const h = pci.header;
       const bars = await pci.probeBars();
       const romSize = await pci.probeRom();
+      const romBar = await pci.readConfig(Cfg.ROM_ADDRESS, 4);
+      const romAddress = (romBar & Rom.ADDRESS_MASK) >>> 0;
       const msix = pci.msix;
       report.pci = {
         vendorId: hex(h.vendorId, 4),
@@ -113,8 +118,11 @@ export async function describeDevice(socket: string, timeoutMs: number): Promise
         command: hex(h.command, 4),
         status: hex(h.status, 4),
         interruptPin: h.interruptPin,
-        bars: bars.filter((b) => b.size > 0n).map((b) => ({ index: b.index, kind: b.kind, is64: b.is64, prefetchable: b.prefetchable, size: hex(b.size) })),
+        bars: bars
+          .filter((b) => b.size > 0n)
+          .map((b) => ({ index: b.index, kind: b.kind, is64: b.is64, prefetchable: b.prefetchable, size: hex(b.size), address: hex(b.address), assigned: b.address !== 0n })),
         romSize,
+        rom: romSize === 0 ? null : { size: hex(romSize), address: hex(romAddress), assigned: romAddress !== 0, enabled: (romBar & Rom.ENABLE) !== 0 },
         capabilities: pci.capabilities.map((c) => ({ offset: hex(c.offset, 2), id: hex(c.id, 2), name: capName(c.id, CapId) })),
         extendedCapabilities: pci.extendedCapabilities.map((c) => ({ offset: hex(c.offset, 3), id: hex(c.id, 4), name: capName(c.id, ExtCapId), version: c.version })),
         msix: msix && {
@@ -141,8 +149,9 @@ function formatReport(r: DeviceReport): string {
     const p = r.pci;
     lines.push(`PCI ${p.vendorId}:${p.deviceId} (subsystem ${p.subsystemVendorId}:${p.subsystemId}) class ${p.classCode} rev ${p.revision}`);
     lines.push(`  command ${p.command} status ${p.status} interrupt pin ${p.interruptPin ? 'INT' + 'ABCD'[p.interruptPin - 1] : 'none'}`);
-    for (const b of p.bars) lines.push(`  BAR${b.index}: ${b.kind}${b.is64 ? ' 64-bit' : ''}${b.prefetchable ? ' prefetchable' : ''} size ${b.size}`);
-    if (p.romSize) lines.push(`  ROM: size ${hex(p.romSize)}`);
+    const at = (b: { address: string; assigned: boolean }) => (b.assigned ? `at ${b.address}` : 'unassigned');
+    for (const b of p.bars) lines.push(`  BAR${b.index}: ${b.kind}${b.is64 ? ' 64-bit' : ''}${b.prefetchable ? ' prefetchable' : ''} size ${b.size} ${at(b)}`);
+    if (p.rom) lines.push(`  ROM: size ${p.rom.size} ${at(p.rom)}${p.rom.enabled ? ', enabled' : ''}`);
     for (const c of p.capabilities) lines.push(`  capability [${c.offset}] ${c.name}`);
     for (const c of p.extendedCapabilities) lines.push(`  extended capability [${c.offset}] ${c.name} v${c.version}`);
     if (p.msix) lines.push(`  MSI-X: ${p.msix.tableSize} vectors, table ${p.msix.table}, PBA ${p.msix.pba}${p.msix.enabled ? ', enabled' : ''}${p.msix.functionMasked ? ', masked' : ''}`);

@@ -13,8 +13,9 @@ import type { CliCommand } from './main';
 
 const USAGE = `Usage: vfio-user nvme <subcommand> SOCKET [options]
 
-Drive an NVMe controller served on the vfio-user socket SOCKET from user space: controller
-reset and enable, admin and I/O queues in shared memory, MSI-X or polled completions.
+Drive an NVMe controller served on the vfio-user socket SOCKET from user space: BARs assigned
+addresses as firmware does, controller reset and enable, admin and I/O queues in shared memory,
+MSI-X or polled completions.
 
 Subcommands:
   identify SOCKET [--json]

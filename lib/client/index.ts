@@ -17,12 +17,15 @@ export { IrqChannels, MAX_IRQ_VECTORS, type IrqEvent, type IrqEventsOptions, typ
 export { MappedRegion, type MappedArea, type RegionArea, type RegionInfo } from './regions';
 export {
   PciFunction,
+  DEFAULT_BAR_WINDOWS,
   MsixRegs,
   parseConfigHeader,
   parseMsixCapability,
   walkCapabilities,
   walkExtendedCapabilities,
+  type AddressWindow,
   type BarInfo,
+  type BarWindows,
   type EnableOptions,
   type MsixEntry,
   type MsixInfo,

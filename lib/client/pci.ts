@@ -13,9 +13,12 @@
  *
  * @packageDocumentation
  */
+import { debuglog } from 'node:util';
 import { Bar, CAPABILITY_AREA_START, CapId, Cfg, Command as PciCommand, EXPRESS_CONFIG_SPACE_SIZE, EXTENDED_CAPABILITY_START, Rom, Status, barOffset } from '../pci/ids';
 import { PciRegion } from '../protocol/constants';
 import type { VfioUserClient, WriteOptions } from './client';
+
+const debug = debuglog('vfio-user:client');
 
 /** The type-0 header fields a driver looks at. */
 export interface PciHeader {
@@ -53,7 +56,7 @@ export interface PciExtendedCapability {
   readonly offset: number;
 }
 
-/** A BAR as found by probing. */
+/** A BAR as found by probing (or as left by {@link PciFunction.assignBars}). */
 export interface BarInfo {
   /** BAR index 0-5 (the lower register of a 64-bit BAR). */
   readonly index: number;
@@ -63,7 +66,7 @@ export interface BarInfo {
   readonly prefetchable: boolean;
   /** Size decoded from the probe; 0 = not implemented. */
   readonly size: bigint;
-  /** The address programmed in the register(s) before probing. */
+  /** The address programmed in the register(s); 0 = unassigned. */
   readonly address: bigint;
   /** Size of the matching vfio-user region (0 if not implemented). */
   readonly regionSize: number;
@@ -206,14 +209,48 @@ export function parseMsixCapability(config: Uint8Array, capOffset: number): Msix
   });
 }
 
+/** An address range `[start, end)` that BARs are assigned from. */
+export interface AddressWindow {
+  readonly start: bigint;
+  readonly end: bigint;
+}
+
+/**
+ * Where {@link PciFunction.assignBars} places BARs, like a PCI host bridge's apertures. Each
+ * defaults to what PC firmware uses.
+ */
+export interface BarWindows {
+  /** 32-bit memory, below 4 GiB (default `[0xc000_0000, 0xfec0_0000)`, under the IOAPIC). */
+  mem32?: AddressWindow;
+  /** 64-bit memory (default `[0x80_0000_0000, 0x100_0000_0000)`, 512 GiB from 512 GiB). */
+  mem64?: AddressWindow;
+  /** I/O ports (default `[0xc000, 0x10000)`). */
+  io?: AddressWindow;
+}
+
+/** The default {@link BarWindows}. */
+export const DEFAULT_BAR_WINDOWS: Readonly<Required<BarWindows>> = Object.freeze({
+  mem32: Object.freeze({ start: 0xc000_0000n, end: 0xfec0_0000n }),
+  mem64: Object.freeze({ start: 0x80_0000_0000n, end: 0x100_0000_0000n }),
+  io: Object.freeze({ start: 0xc000n, end: 0x1_0000n }),
+});
+
 /** Options of {@link PciFunction.enable}. */
 export interface EnableOptions {
   /** COMMAND.MEMORY: respond to memory BAR accesses (default true). */
   memory?: boolean;
-  /** COMMAND.IO: respond to I/O BAR accesses (default false). */
+  /** COMMAND.IO: respond to I/O BAR accesses (default: as it was). */
   io?: boolean;
   /** COMMAND.MASTER: may DMA and send MSI/MSI-X (default true). */
   busMaster?: boolean;
+  /**
+   * Assign addresses to unassigned BARs (and the ROM BAR) first, with
+   * {@link PciFunction.assignBars} (default true). Servers that model real PCI decode a BAR only
+   * at its programmed address.
+   */
+  assignBars?: boolean;
+  /** Windows to assign from (see {@link BarWindows}). */
+  windows?: BarWindows;
 }
 
 /**
@@ -227,6 +264,7 @@ export class PciFunction {
   #caps: PciCapability[] = [];
   #extCaps: PciExtendedCapability[] = [];
   #msix: MsixInfo | null = null;
+  #bars: readonly BarInfo[] = [];
 
   private constructor(readonly client: VfioUserClient) {}
 
@@ -257,6 +295,11 @@ export class PciFunction {
   /** The MSI-X capability as of the last refresh, or null if the function has none. */
   get msix(): MsixInfo | null {
     return this.#msix;
+  }
+
+  /** The BARs as of the last {@link PciFunction.probeBars} or {@link PciFunction.assignBars} (empty before). */
+  get bars(): readonly BarInfo[] {
+    return this.#bars;
   }
 
   /** First capability with ID `id`. */
@@ -299,43 +342,74 @@ export class PciFunction {
    * 64-bit BAR). Memory and I/O decoding are switched off meanwhile and restored afterwards.
    */
   async probeBars(): Promise<BarInfo[]> {
-    const command = await this.readConfig(Cfg.COMMAND, 2);
-    const decode = command & (PciCommand.MEMORY | PciCommand.IO);
-    if (decode !== 0) await this.writeConfig(Cfg.COMMAND, 2, command & ~decode);
-    const out: BarInfo[] = [];
-    try {
-      for (let i = 0; i < 6; i++) {
-        const reg = barOffset(i);
-        const original = await this.readConfig(reg, 4);
-        const io = (original & Bar.SPACE_IO) !== 0;
-        const is64 = !io && (original & 0x6) === Bar.MEM_TYPE_64 && i < 5;
-        const lo = await this.#probe(reg, 0xffffffff, original);
-        let mask = BigInt((io ? lo & Bar.IO_MASK : lo & Bar.MEM_MASK) >>> 0);
-        let address = BigInt((io ? original & Bar.IO_MASK : original & Bar.MEM_MASK) >>> 0);
-        if (is64) {
-          const originalHi = await this.readConfig(reg + 4, 4);
-          const hi = await this.#probe(reg + 4, 0xffffffff, originalHi);
-          mask |= BigInt(hi) << 32n;
-          address |= BigInt(originalHi) << 32n;
+    return this.#withDecodingOff(() => this.#probeBars());
+  }
+
+  /**
+   * Gives every implemented BAR that has no address (0) one, the way PC firmware does, and keeps
+   * the addresses already set. With memory and I/O decoding off: size each BAR (write all-ones,
+   * read back, restore), then allocate largest first, naturally aligned, around the BARs already
+   * placed: 64-bit prefetchable memory from the 64-bit window, other memory from the 32-bit window
+   * (a 64-bit BAR that does not fit there goes to the 64-bit window), I/O from the I/O window.
+   * The expansion ROM BAR gets an address the same way (32-bit window), its enable bit untouched.
+   * Each register is written with its type bits, low register first, and read back. COMMAND is
+   * restored at the end: this does not turn decoding on ({@link PciFunction.enable} does).
+   *
+   * @returns the BARs with their addresses as read back.
+   * @throws an Error with `code` 'ENOSPC' if a BAR does not fit its window (nothing is written
+   * then); RangeError for an empty window or one outside its address space.
+   */
+  async assignBars(windows: BarWindows = {}): Promise<BarInfo[]> {
+    const w = checkWindows(windows);
+    return this.#withDecodingOff(async () => {
+      const bars = await this.#probeBars();
+      const original = await this.readConfig(Cfg.ROM_ADDRESS, 4);
+      const romBack = await this.#probe(Cfg.ROM_ADDRESS, Rom.ADDRESS_MASK, original);
+      const romMask = (romBack & Rom.ADDRESS_MASK) >>> 0;
+      const rom: Placeable | null =
+        romMask === 0 ? null : { name: 'the ROM BAR', space: 'memory', size: BigInt((romMask & -romMask) >>> 0), address: BigInt((original & Rom.ADDRESS_MASK) >>> 0), windows: [w.mem32] };
+      const wanted: Placeable[] = bars
+        .filter((b) => b.size > 0n)
+        .map((b) => ({
+          name: `BAR${String(b.index)}`,
+          space: b.kind,
+          size: b.size,
+          address: b.address,
+          windows: b.kind === 'io' ? [w.io] : b.is64 && b.prefetchable ? [w.mem64, w.mem32] : b.is64 ? [w.mem32, w.mem64] : [w.mem32],
+          bar: b,
+        }));
+      if (rom !== null) wanted.push(rom);
+      const placed = allocate(wanted);
+      const assigned = new Map<BarInfo, bigint>();
+      for (const [p, address] of placed) {
+        if (p.bar === undefined) {
+          await this.writeConfig(Cfg.ROM_ADDRESS, 4, (Number(address) | (original & ~Rom.ADDRESS_MASK)) >>> 0);
+          continue;
         }
-        const size = mask === 0n ? 0n : mask & -mask;
-        const region = i < this.client.regions.length ? this.client.region(i).size : 0;
-        const bar: BarInfo = {
-          index: i,
-          kind: io ? 'io' : 'memory',
-          is64,
-          prefetchable: !io && (original & Bar.MEM_PREFETCH) !== 0,
-          size,
-          address,
-          regionSize: region,
-        };
-        out.push(Object.freeze(bar));
-        if (is64) i++;
+        assigned.set(p.bar, address);
+        const reg = barOffset(p.bar.index);
+        const low = await this.readConfig(reg, 4);
+        const typeBits = p.bar.kind === 'io' ? low & ~Bar.IO_MASK : low & ~Bar.MEM_MASK;
+        await this.writeConfig(reg, 4, (Number(address & 0xffff_ffffn) | typeBits) >>> 0);
+        if (p.bar.is64) await this.writeConfig(reg + 4, 4, Number(address >> 32n));
       }
-    } finally {
-      if (decode !== 0) await this.writeConfig(Cfg.COMMAND, 2, command);
-    }
-    return out;
+      const out: BarInfo[] = [];
+      for (const b of bars) {
+        const wantedAt = assigned.get(b);
+        if (wantedAt === undefined) {
+          out.push(b);
+          continue;
+        }
+        const reg = barOffset(b.index);
+        const low = await this.readConfig(reg, 4);
+        let address = BigInt((b.kind === 'io' ? low & Bar.IO_MASK : low & Bar.MEM_MASK) >>> 0);
+        if (b.is64) address |= BigInt(await this.readConfig(reg + 4, 4)) << 32n;
+        if (address !== wantedAt) debug('BAR%d reads back 0x%s, not the assigned 0x%s', b.index, address.toString(16), wantedAt.toString(16));
+        out.push(Object.freeze({ ...b, address }));
+      }
+      this.#bars = out;
+      return out;
+    });
   }
 
   /** Sizes the expansion ROM BAR the same way; 0 if there is none. */
@@ -347,10 +421,13 @@ export class PciFunction {
   }
 
   /**
-   * Sets COMMAND bits (read-modify-write) and returns the new value: by default memory space and
-   * bus mastering on, I/O space as it was.
+   * Makes the function usable the way firmware leaves it for a driver: assigns addresses to the
+   * BARs that have none ({@link PciFunction.assignBars}, unless `assignBars: false`), then sets
+   * COMMAND bits (read-modify-write): by default memory space and bus mastering on, I/O space as
+   * it was. Returns the new COMMAND value.
    */
   async enable(options: EnableOptions = {}): Promise<number> {
+    if (options.assignBars !== false) await this.assignBars(options.windows);
     let command = await this.readConfig(Cfg.COMMAND, 2);
     const set = (bit: number, on: boolean | undefined) => {
       if (on === true) command |= bit;
@@ -423,6 +500,53 @@ export class PciFunction {
     return msix.tableOffset + vector * MsixRegs.ENTRY_SIZE;
   }
 
+  /** Runs `fn` with COMMAND's memory and I/O decoding off, then restores COMMAND. */
+  async #withDecodingOff<T>(fn: () => Promise<T>): Promise<T> {
+    const command = await this.readConfig(Cfg.COMMAND, 2);
+    const decode = command & (PciCommand.MEMORY | PciCommand.IO);
+    if (decode !== 0) await this.writeConfig(Cfg.COMMAND, 2, command & ~decode);
+    try {
+      return await fn();
+    } finally {
+      if (decode !== 0) await this.writeConfig(Cfg.COMMAND, 2, command);
+    }
+  }
+
+  /** The sizing probe of every BAR (decoding must be off). */
+  async #probeBars(): Promise<BarInfo[]> {
+    const out: BarInfo[] = [];
+    for (let i = 0; i < 6; i++) {
+      const reg = barOffset(i);
+      const original = await this.readConfig(reg, 4);
+      const io = (original & Bar.SPACE_IO) !== 0;
+      const is64 = !io && (original & 0x6) === Bar.MEM_TYPE_64 && i < 5;
+      const lo = await this.#probe(reg, 0xffffffff, original);
+      let mask = BigInt((io ? lo & Bar.IO_MASK : lo & Bar.MEM_MASK) >>> 0);
+      let address = BigInt((io ? original & Bar.IO_MASK : original & Bar.MEM_MASK) >>> 0);
+      if (is64) {
+        const originalHi = await this.readConfig(reg + 4, 4);
+        const hi = await this.#probe(reg + 4, 0xffffffff, originalHi);
+        mask |= BigInt(hi) << 32n;
+        address |= BigInt(originalHi) << 32n;
+      }
+      const size = mask === 0n ? 0n : mask & -mask;
+      const region = i < this.client.regions.length ? this.client.region(i).size : 0;
+      const bar: BarInfo = {
+        index: i,
+        kind: io ? 'io' : 'memory',
+        is64,
+        prefetchable: !io && (original & Bar.MEM_PREFETCH) !== 0,
+        size,
+        address,
+        regionSize: region,
+      };
+      out.push(Object.freeze(bar));
+      if (is64) i++;
+    }
+    this.#bars = out;
+    return out;
+  }
+
   /** Writes `ones` to a 4-byte register, reads it back, restores `original`. */
   async #probe(offset: number, ones: number, original: number): Promise<number> {
     await this.writeConfig(offset, 4, ones);
@@ -430,6 +554,76 @@ export class PciFunction {
       return await this.readConfig(offset, 4);
     } finally {
       await this.writeConfig(offset, 4, original);
+      if (offset + 4 <= this.#config.length) this.#config.writeUInt32LE(original >>> 0, offset);
     }
   }
+}
+
+/** Something {@link allocate} places: a BAR or the ROM BAR. */
+interface Placeable {
+  readonly name: string;
+  readonly space: 'memory' | 'io';
+  readonly size: bigint;
+  /** Current address; 0 = to be assigned. */
+  readonly address: bigint;
+  /** Windows to try, in order. */
+  readonly windows: readonly AddressWindow[];
+  readonly bar?: BarInfo;
+}
+
+const U32_END = 1n << 32n;
+const U64_END = 1n << 64n;
+
+/** Fills in the default windows and checks each lies in its space. */
+function checkWindows(w: BarWindows): Required<BarWindows> {
+  const out = { ...DEFAULT_BAR_WINDOWS, ...w };
+  const check = (name: string, win: AddressWindow, limit: bigint) => {
+    if (typeof win.start !== 'bigint' || typeof win.end !== 'bigint' || win.start <= 0n || win.end <= win.start || win.end > limit) {
+      throw new RangeError(`Expected the ${name} window to be a non-empty range of bigints in (0, 0x${limit.toString(16)}], got [${String(win.start)}, ${String(win.end)})`);
+    }
+  };
+  check('mem32', out.mem32, U32_END);
+  check('mem64', out.mem64, U64_END);
+  check('io', out.io, U32_END);
+  return out;
+}
+
+const alignUp = (v: bigint, a: bigint): bigint => ((v + a - 1n) / a) * a;
+
+/**
+ * Places every entry of `wanted` whose address is 0: largest first, naturally aligned, in the
+ * first of its windows with room, around every range already taken in its space (the entries
+ * that keep their address, and those placed before). Returns the new addresses.
+ * @throws an Error with `code` 'ENOSPC' if one does not fit.
+ */
+function allocate(wanted: readonly Placeable[]): Map<Placeable, bigint> {
+  const taken: Record<'memory' | 'io', { start: bigint; end: bigint }[]> = { memory: [], io: [] };
+  for (const p of wanted) if (p.address !== 0n) taken[p.space].push({ start: p.address, end: p.address + p.size });
+  const todo = wanted.filter((p) => p.address === 0n).sort((a, b) => (a.size === b.size ? 0 : a.size > b.size ? -1 : 1));
+  const placed = new Map<Placeable, bigint>();
+  for (const p of todo) {
+    let at: bigint | null = null;
+    for (const win of p.windows) {
+      at = fit(win, p.size, taken[p.space]);
+      if (at !== null) break;
+    }
+    if (at === null) {
+      const where = p.windows.map((win) => `[0x${win.start.toString(16)}, 0x${win.end.toString(16)})`).join(' or ');
+      throw Object.assign(new Error(`no room for ${p.name} (${p.space}, 0x${p.size.toString(16)} bytes) in ${where}`), { code: 'ENOSPC' });
+    }
+    taken[p.space].push({ start: at, end: at + p.size });
+    placed.set(p, at);
+  }
+  return placed;
+}
+
+/** Lowest `size`-aligned address in `win` where `size` bytes overlap nothing in `taken`. */
+function fit(win: AddressWindow, size: bigint, taken: readonly { start: bigint; end: bigint }[]): bigint | null {
+  let at = alignUp(win.start, size);
+  while (at + size <= win.end) {
+    const clash = taken.find((t) => t.start < at + size && at < t.end);
+    if (clash === undefined) return at;
+    at = alignUp(clash.end, size);
+  }
+  return null;
 }

@@ -269,6 +269,65 @@ export interface LvuOptions {
   config?: Buffer;
   /** Per-command overrides; return true when the message was handled. */
   overrides?: Partial<Record<number, (msg: RawMessage, fake: FakeServer) => boolean | void>>;
+  /**
+   * Model real PCI (QEMU's device models over vfio-user, shared/peers.md §5): these BARs answer
+   * the config-space sizing probe, COMMAND's IO/MEMORY/MASTER bits are writable, and a BAR
+   * access fails with EINVAL unless the BAR holds an address and its decoding is on. Regions
+   * default to the BARs (plus config) and `config` to a header with these BARs' type bits.
+   */
+  hardware?: HardwareBars;
+}
+
+/** A BAR of {@link LvuOptions.hardware}: a power-of-two size. */
+export interface FakeBar {
+  size: number;
+  kind?: 'memory' | 'io';
+  is64?: boolean;
+  prefetchable?: boolean;
+}
+
+export interface HardwareBars {
+  bars: Partial<Record<number, FakeBar>>;
+  /** Every refused BAR access, as `BARn+offset: reason` (filled by the handler). */
+  refused?: string[];
+}
+
+/** Config space and per-byte write masks for {@link HardwareBars}. */
+export function hardwareConfig(hw: HardwareBars): { config: Buffer; wmask: Buffer; regions: (FakeRegion | null)[] } {
+  const config = Buffer.alloc(256);
+  const wmask = Buffer.alloc(256);
+  config.writeUInt16LE(0x1b36, 0);
+  config.writeUInt16LE(0x00ff, 2);
+  wmask.writeUInt16LE(0x0007, 4); // IO | MEMORY | MASTER
+  const regions: (FakeRegion | null)[] = new Array<FakeRegion | null>(9).fill(null);
+  regions[7] = { flags: RegionInfoFlags.READ | RegionInfoFlags.WRITE, size: 256 };
+  for (const [key, bar] of Object.entries(hw.bars)) {
+    if (bar === undefined) continue;
+    const i = Number(key);
+    const at = 0x10 + 4 * i;
+    const mask = BigInt.asUintN(64, ~BigInt(bar.size - 1));
+    if (bar.kind === 'io') {
+      config.writeUInt32LE(0x1, at);
+      wmask.writeUInt32LE(Number(mask & 0xfffffffcn), at);
+    } else {
+      config.writeUInt32LE((bar.is64 ? 0x4 : 0) | (bar.prefetchable ? 0x8 : 0), at);
+      wmask.writeUInt32LE(Number(mask & 0xfffffff0n), at);
+      if (bar.is64) wmask.writeUInt32LE(Number(mask >> 32n), at + 4);
+    }
+    regions[i] = { flags: RegionInfoFlags.READ | RegionInfoFlags.WRITE, size: bar.size };
+  }
+  return { config, wmask, regions };
+}
+
+/** Why BAR `index` of a {@link hardwareConfig} does not decode now, or null if it does. */
+function barRefusal(hw: HardwareBars, config: Buffer, index: number): string | null {
+  const bar = hw.bars[index];
+  if (bar === undefined) return 'no BAR';
+  const command = config.readUInt16LE(4);
+  if ((command & (bar.kind === 'io' ? 0x1 : 0x2)) === 0) return 'decoding off';
+  const lo = config.readUInt32LE(0x10 + 4 * index);
+  const address = (BigInt(lo >>> 0) & (bar.kind === 'io' ? 0xfffffffcn : 0xfffffff0n)) | (bar.is64 ? BigInt(config.readUInt32LE(0x14 + 4 * index)) << 32n : 0n);
+  return address === 0n ? 'invalid address 0x0' : null;
 }
 
 /** Config space of the gpio sample seen in peer-traces: IDs 0x494f/0x0dc8, absent BARs read 1. */
@@ -296,9 +355,11 @@ export function lvuRegions(): (FakeRegion | null)[] {
  * DMA_MAP bare header; DMA_UNMAP 24-byte echo or ENOENT; SET_IRQS/RESET bare; anything else EINVAL.
  */
 export function lvuHandler(options: LvuOptions = {}): FakeHandler {
-  const regions = options.regions ?? lvuRegions();
+  const hw = options.hardware;
+  const hwConfig = hw && hardwareConfig(hw);
+  const regions = options.regions ?? hwConfig?.regions ?? lvuRegions();
   const irqCounts = options.irqCounts ?? [1, 0, 0, 1, 0];
-  const config = options.config ?? lvuConfig();
+  const config = options.config ?? hwConfig?.config ?? lvuConfig();
   const bars = new Map<number, Buffer>();
   const maps = new Set<string>();
   return (msg, fake) => {
@@ -353,6 +414,10 @@ export function lvuHandler(options: LvuOptions = {}): FakeHandler {
         const count = p.readUInt32LE(12);
         const size = regions[region]?.size ?? 0;
         if (offset + count > size) return fake.reply(msg, undefined, { error: 22 });
+        if (hw && region < 6) {
+          const why = barRefusal(hw, config, region);
+          if (why !== null) return (hw.refused?.push(`BAR${region}+${offset}: ${why}`), fake.reply(msg, undefined, { error: 22 }));
+        }
         if (count === 0) return fake.reply(msg);
         const src = region === 7 ? config : (bars.get(region) ?? Buffer.alloc(size));
         fake.reply(msg, Buffer.concat([p.subarray(0, 16), src.subarray(offset, offset + count)]));
@@ -364,6 +429,16 @@ export function lvuHandler(options: LvuOptions = {}): FakeHandler {
         const count = p.readUInt32LE(12);
         const size = regions[region]?.size ?? 0;
         if (offset + count > size || p.length !== 16 + count) return fake.reply(msg, undefined, { error: 22 });
+        if (hw && region < 6) {
+          const why = barRefusal(hw, config, region);
+          if (why !== null) return (hw.refused?.push(`BAR${region}+${offset}: ${why}`), fake.reply(msg, undefined, { error: 22 }));
+        }
+        if (region === 7 && hwConfig) {
+          for (let i = 0; i < count; i++) {
+            const m = hwConfig.wmask[offset + i]!;
+            config[offset + i] = (config[offset + i]! & ~m) | (p[16 + i]! & m);
+          }
+        }
         if (region !== 7) {
           if (!bars.has(region)) bars.set(region, Buffer.alloc(size));
           p.copy(bars.get(region)!, offset, 16);

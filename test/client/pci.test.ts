@@ -2,16 +2,19 @@ import { describe, expect, it } from 'vitest';
 import {
   PciFunction,
   VfioUserClient,
+  type BarInfo,
   parseConfigHeader,
   parseMsixCapability,
   walkCapabilities,
   walkExtendedCapabilities,
 } from '../../lib/client';
-import { DeviceFlags, RegionInfoFlags } from '../../lib/protocol/constants';
+import { Command, DeviceFlags, RegionInfoFlags } from '../../lib/protocol/constants';
 import { CapId, ExtCapId } from '../../lib/pci/ids';
+import { PciDevice } from '../../lib/pci/device';
 import type { DeviceContext, DeviceRegion, VfioUserDevice } from '../../lib/server/device';
 import { useFdLeakCheck } from '../helpers/fds';
-import { useCleanup, defer } from './fixtures';
+import { useCleanup, defer, connect, fakeServer, rejection, type HardwareBars } from './fixtures';
+import { HardwareDecode } from './hardware';
 import { startServer, TestDevice } from '../helpers/server';
 
 useFdLeakCheck();
@@ -277,5 +280,161 @@ describe('PciFunction', () => {
     expect(fn.extendedCapabilities).toEqual([]);
     expect(fn.msix).toBeNull();
     await expect(fn.readMsixPba()).rejects.toThrow(/no MSI-X/);
+  });
+});
+
+/** True if no two of `bars` (same space) overlap and each is aligned to its size. */
+function wellPlaced(bars: readonly BarInfo[]): boolean {
+  const live = bars.filter((b) => b.size > 0n);
+  return live.every(
+    (b) =>
+      b.address !== 0n &&
+      b.address % b.size === 0n &&
+      live.every((o) => o === b || o.kind !== b.kind || o.address + o.size <= b.address || b.address + b.size <= o.address),
+  );
+}
+
+describe('BAR assignment, against servers that decode BARs as hardware does', () => {
+  const hwBars = (): HardwareBars => ({
+    bars: {
+      0: { size: 0x4000, is64: true },
+      2: { size: 0x10_0000, is64: true, prefetchable: true },
+      4: { size: 0x20, kind: 'io' },
+      5: { size: 0x1000 },
+    },
+    refused: [],
+  });
+
+  it('a scripted server refuses BAR accesses until the BARs are assigned; enable() assigns them as firmware does', async () => {
+    const hw = hwBars();
+    const fake = fakeServer({ hardware: hw });
+    const client = await connect(fake.path);
+    const fn = await PciFunction.open(client);
+    expect(await rejection(client.read(0, 0, 4))).toMatchObject({ code: 'EINVAL' });
+    expect(hw.refused).toEqual(['BAR0+0: decoding off']);
+
+    await fn.enable({ io: true });
+    for (const index of [0, 2, 4, 5]) {
+      await client.writeUint(index, 0, 4, 0x1234_5678 + index, { posted: false });
+      expect(await client.readUint(index, 0, 4)).toBe(0x1234_5678 + index);
+    }
+    expect(hw.refused).toHaveLength(1);
+    // Largest first, naturally aligned: the 64-bit prefetchable BAR in the 64-bit window, the
+    // others in the 32-bit memory window, the I/O BAR in the I/O window.
+    const bars = fn.bars.filter((b) => b.size > 0n);
+    expect(bars.map((b) => [b.index, b.size, b.address])).toEqual([
+      [0, 0x4000n, 0xc000_0000n],
+      [2, 0x10_0000n, 0x80_0000_0000n],
+      [4, 0x20n, 0xc000n],
+      [5, 0x1000n, 0xc000_4000n],
+    ]);
+    expect(wellPlaced(bars)).toBe(true);
+
+    // On the wire: sizing (all-ones) with decoding off, addresses written, then decoding on.
+    const configWrites = fake.received
+      .filter((m) => m.command === Command.REGION_WRITE && m.payload.readUInt32LE(8) === 7)
+      .map((m) => [Number(m.payload.readBigUInt64LE(0)), m.payload.readUIntLE(16, m.payload.readUInt32LE(12))]);
+    const firstAllOnes = configWrites.findIndex(([at, v]) => at === 0x10 && v === 0xffffffff);
+    const addressWrite = configWrites.findIndex(([at, v]) => at === 0x10 && v === 0xc000_0004);
+    const decodeOn = configWrites.findIndex(([at, v]) => at === 4 && (v! & 0x3) === 0x3);
+    expect(firstAllOnes).toBeGreaterThanOrEqual(0);
+    expect(addressWrite).toBeGreaterThan(firstAllOnes);
+    expect(decodeOn).toBeGreaterThan(addressWrite);
+    expect(configWrites.slice(0, decodeOn).every(([at, v]) => at !== 4 || (v! & 0x3) === 0)).toBe(true);
+  });
+
+  it('leaves BARs unassigned when told (the old behaviour): a hardware-like server refuses them', async () => {
+    const hw = hwBars();
+    const fake = fakeServer({ hardware: hw });
+    const client = await connect(fake.path);
+    const fn = await PciFunction.open(client);
+    await fn.enable({ assignBars: false });
+    expect(await rejection(client.read(0, 0, 4))).toMatchObject({ code: 'EINVAL' });
+    expect(hw.refused).toEqual(['BAR0+0: invalid address 0x0']);
+  });
+
+  /** A PciDevice with every kind of BAR, served behind hardware-like decoding. */
+  function hardwareDevice(): { device: HardwareDecode; pci: PciDevice } {
+    const mem = (size: number) => {
+      const b = Buffer.alloc(size);
+      return {
+        read: (offset: number, dst: Buffer) => {
+          b.copy(dst, 0, offset, offset + dst.length);
+        },
+        write: (offset: number, src: Buffer) => {
+          src.copy(b, offset);
+        },
+      };
+    };
+    const pci = new PciDevice({
+      vendorId: 0x1b36,
+      deviceId: 0x0042,
+      classCode: 0x058000,
+      bars: {
+        0: { size: 0x4000, is64: true, ...mem(0x4000) },
+        2: { size: 0x2000, ...mem(0x2000) },
+        3: { size: 0x1_0000, prefetchable: true, ...mem(0x1_0000) },
+        4: { size: 0x100, kind: 'io', ...mem(0x100) },
+      },
+      rom: Buffer.alloc(0x1000, 0x55),
+    });
+    return { device: new HardwareDecode(pci), pci };
+  }
+
+  it('assigns our own PciDevice behind hardware decoding, keeping an address already set', async () => {
+    const { device, pci } = hardwareDevice();
+    // BAR2 already programmed (by earlier firmware, say): it stays where it is.
+    pci.config.write(0x18, Buffer.from([0x00, 0x00, 0x00, 0xc0]));
+    const s = await startServer(device);
+    defer(s.stop);
+    const client = await connect(s.socketPath);
+    const fn = await PciFunction.open(client);
+    expect(await rejection(client.read(2, 0, 4))).toMatchObject({ code: 'EINVAL' });
+
+    await fn.enable({ io: true });
+    expect(pci.config.barAddress(2)).toBe(0xc000_0000n);
+    expect(pci.config.barAddress(3)).toBe(0xc001_0000n);
+    expect(pci.config.barAddress(0)).toBe(0xc000_4000n);
+    expect(pci.config.barAddress(4)).toBe(0xc000n);
+    expect(pci.config.romAddress).not.toBe(0);
+    expect(pci.config.romEnabled).toBe(false);
+    expect(wellPlaced(fn.bars)).toBe(true);
+    const refusedBefore = device.refused.length;
+    for (const index of [0, 2, 3, 4]) {
+      await client.writeUint(index, 8, 4, 0xa5a5_0000 + index, { posted: false });
+      expect(await client.readUint(index, 8, 4)).toBe(0xa5a5_0000 + index);
+    }
+    expect(device.refused.length).toBe(refusedBefore);
+
+    // Again: nothing moves.
+    const before = fn.bars.map((b) => b.address);
+    await fn.enable({ io: true });
+    expect(fn.bars.map((b) => b.address)).toEqual(before);
+    expect((await fn.probeBars()).map((b) => b.address)).toEqual(before);
+  });
+
+  it('fails with ENOSPC when a window is too small, leaving decoding as it was', async () => {
+    const { device, pci } = hardwareDevice();
+    const s = await startServer(device);
+    defer(s.stop);
+    const client = await connect(s.socketPath);
+    const fn = await PciFunction.open(client);
+    const err = await rejection(fn.enable({ windows: { mem32: { start: 0xc000_0000n, end: 0xc000_8000n } } }));
+    expect(err).toMatchObject({ code: 'ENOSPC' });
+    expect((err as Error).message).toMatch(/BAR3/);
+    expect(pci.config.command & 0x3).toBe(0);
+    await expect(fn.enable({ windows: { mem32: { start: 0xffff_0000n, end: 0x1_0001_0000n } } })).rejects.toThrow(RangeError);
+    await expect(fn.enable({ windows: { io: { start: 0xd000n, end: 0xc000n } } })).rejects.toThrow(RangeError);
+  });
+
+  it('places a 64-bit BAR that does not fit below 4 GiB in the 64-bit window', async () => {
+    const { device, pci } = hardwareDevice();
+    const s = await startServer(device);
+    defer(s.stop);
+    const client = await connect(s.socketPath);
+    const fn = await PciFunction.open(client);
+    await fn.enable({ windows: { mem32: { start: 0xc000_0000n, end: 0xc001_3000n } } });
+    expect(pci.config.barAddress(0)).toBe(0x80_0000_0000n);
+    expect(wellPlaced(fn.bars)).toBe(true);
   });
 });

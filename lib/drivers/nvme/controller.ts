@@ -6,7 +6,9 @@
  *
  * Bring-up ({@link NvmeDriver.open}), as Linux's `nvme_pci_enable` + `nvme_enable_ctrl` and SPDK's
  * controller state machine do it:
- * 1. Config space: an NVMe class code (01:08:02); memory space and bus mastering on.
+ * 1. Config space: an NVMe class code (01:08:02); BARs sized and given addresses as firmware does
+ *    ({@link PciFunction.enable}: servers that model real PCI decode a BAR only at its address),
+ *    then memory space and bus mastering on.
  * 2. CAP and VS from BAR0. The controller is disabled (CC.EN 0; if it was still enabling, its
  *    CSTS.RDY 1 is awaited first) and CSTS.RDY 0 awaited, each within CAP.TO.
  * 3. MSI-X: one eventfd per vector (DEVICE_SET_IRQS), table entries programmed unmasked, enable.

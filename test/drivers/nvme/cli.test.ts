@@ -8,7 +8,7 @@ import * as fs from 'node:fs';
 import * as os from 'node:os';
 import * as path from 'node:path';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
-import { controllerServer, scriptedServer, type NvmeTarget } from './fixtures';
+import { controllerServer, hardwareControllerServer, scriptedServer, type NvmeTarget } from './fixtures';
 import type { ScriptedNvmeDevice } from './scripted-device';
 
 const cli = path.join(__dirname, '..', '..', '..', 'dist', 'cli', 'main.js');
@@ -201,6 +201,31 @@ describe('vfio-user nvme (CLI) against NvmeController', () => {
       expect(JSON.parse(shadow.stdout.toString())).toMatchObject({ doorbells: 'shadow', errors: 0 });
     } finally {
       await target.stop();
+    }
+  });
+});
+
+describe('vfio-user nvme (CLI) against a server that decodes BARs as hardware does', () => {
+  it('identifies, writes and reads', async () => {
+    const target = await hardwareControllerServer({ size: 4 * 1024 * 1024 });
+    const dir = fs.mkdtempSync(path.join(os.tmpdir(), 'vfio-user-nvme-cli-'));
+    try {
+      const id = await run(['nvme', 'identify', target.socketPath, '--json']);
+      expect(id.stderr).toBe('');
+      expect(id.status).toBe(0);
+      expect(JSON.parse(id.stdout.toString())).toMatchObject({ controller: { serial: 'HARDWARE' }, namespaces: [{ nsid: 1, nsze: 8192 }] });
+      const data = randomBytes(16 * 512);
+      const inFile = path.join(dir, 'in.bin');
+      fs.writeFileSync(inFile, data);
+      const w = await run(['nvme', 'write', target.socketPath, '--lba', '100', '--count', '16', '--in', inFile]);
+      expect(w.status, w.stderr).toBe(0);
+      const r = await run(['nvme', 'read', target.socketPath, '--lba', '100', '--count', '16']);
+      expect(r.status, r.stderr).toBe(0);
+      expect(r.stdout.equals(data)).toBe(true);
+      expect(target.device.refused).toEqual([]);
+    } finally {
+      await target.stop();
+      fs.rmSync(dir, { recursive: true, force: true });
     }
   });
 });
