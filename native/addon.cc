@@ -1,5 +1,6 @@
 // Module init: one table of functions, one table of constants, per-environment instance data.
 // Node-API modules are context-aware, so this loads in worker_threads and in several at once.
+#include <fcntl.h>
 #include <sys/eventfd.h>
 #include <sys/mman.h>
 #include <unistd.h>
@@ -23,7 +24,10 @@ constexpr int kScmMaxFd = 253;
   V("recvmsg", Recvmsg)           \
   V("mmap", Mmap)                 \
   V("munmap", Munmap)             \
+  V("mmapPoisoned", MmapPoisoned) \
   V("memfdCreate", MemfdCreate)   \
+  V("getSeals", GetSeals)         \
+  V("addSeals", AddSeals)         \
   V("eventfd", Eventfd)           \
   V("eventfdSignal", EventfdSignal) \
   V("eventfdDrain", EventfdDrain)
@@ -35,11 +39,19 @@ constexpr int kScmMaxFd = 253;
   V("EFD_NONBLOCK", EFD_NONBLOCK)             \
   V("EFD_SEMAPHORE", EFD_SEMAPHORE)           \
   V("MFD_ALLOW_SEALING", MFD_ALLOW_SEALING)   \
+  V("F_SEAL_SEAL", F_SEAL_SEAL)               \
+  V("F_SEAL_SHRINK", F_SEAL_SHRINK)           \
+  V("F_SEAL_GROW", F_SEAL_GROW)               \
+  V("F_SEAL_WRITE", F_SEAL_WRITE)             \
   V("SCM_MAX_FD", kScmMaxFd)                  \
   V("EAGAIN", EAGAIN)
 
+void NoopFinalize(Napi::Env /*env*/, void* /*data*/) {}
+
 Napi::Object Init(Napi::Env env, Napi::Object exports) {
-  env.SetInstanceData(new AddonData());
+  GuardInstall();
+  AddonData* data = new AddonData();
+  env.SetInstanceData(data);
 
 #define V(name, fn) exports.Set(name, Napi::Function::New(env, fn, name));
   VFU_FUNCTIONS(V)
@@ -52,6 +64,10 @@ Napi::Object Init(Napi::Env env, Napi::Object exports) {
   constants.Freeze();
   exports.Set("constants", constants);
 
+  // The SIGBUS guard's counter for this environment, read from JS without a call (fault.cc). The
+  // memory belongs to AddonData, which outlives every use of the buffer.
+  Napi::ArrayBuffer epoch = Napi::ArrayBuffer::New(env, data->fault_epoch, sizeof(int32_t), NoopFinalize);
+  exports.Set("faultEpoch", Napi::TypedArrayOf<int32_t>::New(env, 1, epoch, 0, napi_int32_array));
   exports.Set("pollEvents", PollEvents(env));
   exports.Set("Poller", DefinePoller(env));
   return exports;

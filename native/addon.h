@@ -3,6 +3,8 @@
 
 #include <napi.h>
 
+#include <atomic>
+#include <cstdint>
 #include <memory>
 #include <unordered_map>
 
@@ -22,12 +24,34 @@ struct MapRecord {
   size_t len;    // what was passed to mmap
   void* data;    // the ArrayBuffer's data pointer: base plus the offset's distance to alignment
   bool mapped;   // false once munmap ran, explicitly or from the finaliser
+  int prot;      // PROT_* it was mapped with
   std::shared_ptr<MapRegistry> registry;
+  // Set by the SIGBUS guard when the file shrank under the mapping (fault.cc).
+  std::atomic<bool> poisoned{false};
+  // While napi_create_external_arraybuffer runs: set by the finaliser if it ran (fault path).
+  bool* finalized = nullptr;
 };
+
+// fault.cc: the process-wide SIGBUS guard over every mapping mmap.cc makes.
+void GuardInstall();
+void GuardAdd(MapRecord* record);
+void GuardRemove(MapRecord* record);
+void GuardAddEpoch(std::atomic<int32_t>* epoch);
+void GuardRemoveEpoch(std::atomic<int32_t>* epoch);
 
 // Per-environment state (main thread and each worker get their own), owned by the env.
 struct AddonData {
   std::shared_ptr<MapRegistry> mappings = std::make_shared<MapRegistry>();
+  // Bumped by the SIGBUS guard on every poisoning; JS reads it as `faultEpoch` (an Int32Array).
+  std::atomic<int32_t>* fault_epoch = new std::atomic<int32_t>(0);
+
+  AddonData() { GuardAddEpoch(fault_epoch); }
+  ~AddonData() {
+    GuardRemoveEpoch(fault_epoch);
+    delete fault_epoch;
+  }
+  AddonData(const AddonData&) = delete;
+  AddonData& operator=(const AddonData&) = delete;
 };
 
 inline AddonData* GetAddonData(Napi::Env env) { return env.GetInstanceData<AddonData>(); }
@@ -43,8 +67,11 @@ Napi::Value Recvmsg(const Napi::CallbackInfo& info);
 // mmap.cc
 Napi::Value Mmap(const Napi::CallbackInfo& info);
 Napi::Value Munmap(const Napi::CallbackInfo& info);
+Napi::Value MmapPoisoned(const Napi::CallbackInfo& info);
 // memfd.cc
 Napi::Value MemfdCreate(const Napi::CallbackInfo& info);
+Napi::Value GetSeals(const Napi::CallbackInfo& info);
+Napi::Value AddSeals(const Napi::CallbackInfo& info);
 // eventfd.cc
 Napi::Value Eventfd(const Napi::CallbackInfo& info);
 Napi::Value EventfdSignal(const Napi::CallbackInfo& info);

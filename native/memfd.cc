@@ -1,4 +1,6 @@
-// memfd_create: anonymous shared memory with an fd, e.g. guest memory to pass to a peer.
+// memfd_create: anonymous shared memory with an fd, e.g. guest memory to pass to a peer; and its
+// seals (F_SEAL_SHRINK and F_SEAL_GROW make a size the peer can no longer change).
+#include <fcntl.h>
 #include <sys/mman.h>
 
 #include <string>
@@ -27,6 +29,33 @@ Napi::Value MemfdCreate(const Napi::CallbackInfo& info) {
     return {};
   }
   return Napi::Number::New(info.Env(), fd);
+}
+
+// getSeals(fd) -> the F_SEAL_* bits of a memfd (F_GET_SEALS). EINVAL for a file that cannot carry
+// seals; a memfd made without MFD_ALLOW_SEALING reports F_SEAL_SEAL.
+Napi::Value GetSeals(const Napi::CallbackInfo& info) {
+  int fd;
+  if (!ArgFd(info, 0, &fd)) return {};
+  int seals = fcntl(fd, F_GET_SEALS);
+  if (seals < 0) {
+    ThrowErrno(info.Env(), errno, "fcntl");
+    return {};
+  }
+  return Napi::Number::New(info.Env(), seals);
+}
+
+// addSeals(fd, seals): F_ADD_SEALS. EPERM once F_SEAL_SEAL is set; EBUSY for F_SEAL_WRITE while a
+// writable shared mapping exists.
+Napi::Value AddSeals(const Napi::CallbackInfo& info) {
+  int fd;
+  int seals;
+  if (!ArgFd(info, 0, &fd)) return {};
+  if (!ArgFlags(info, 1, &seals)) return {};
+  if (fcntl(fd, F_ADD_SEALS, seals) < 0) {
+    ThrowErrno(info.Env(), errno, "fcntl");
+    return {};
+  }
+  return info.Env().Undefined();
 }
 
 }  // namespace vfu

@@ -4,6 +4,7 @@
 // the environment's registry (keyed by the buffer's data pointer). munmap marks the record
 // unmapped and drops it from the registry, detaches the buffer (every view then has length 0),
 // then unmaps. The finaliser unmaps only a record that is still mapped, and always frees it.
+// Every mapping is also registered with the SIGBUS guard (fault.cc) while it is mapped.
 #include <sys/mman.h>
 #include <sys/stat.h>
 #include <unistd.h>
@@ -50,9 +51,16 @@ void FinalizeMapping(napi_env /*env*/, void* /*data*/, void* hint) {
   MapRecord* record = static_cast<MapRecord*>(hint);
   auto it = record->registry->find(record->data);
   if (it != record->registry->end() && it->second == record) record->registry->erase(it);
-  if (record->mapped) munmap(record->base, record->len);
+  if (record->finalized != nullptr) *record->finalized = true;
+  if (record->mapped) {
+    GuardRemove(record);
+    munmap(record->base, record->len);
+  }
   delete record;
 }
+
+// The largest ArrayBuffer V8 makes here; longer mappings are made of several (lib/native/mapping.ts).
+constexpr int64_t kMaxBufferLength = int64_t{1} << 32;
 
 }  // namespace
 
@@ -65,7 +73,9 @@ Napi::Value Mmap(const Napi::CallbackInfo& info) {
   int64_t prot;
   if (!ArgFd(info, 0, &fd)) return {};
   if (!ArgOffset(info, 1, &offset)) return {};
-  if (!ArgInteger(info, 2, 1, kMaxSafeInteger, "a length (an integer >= 1)", &length)) return {};
+  if (!ArgInteger(info, 2, 1, kMaxBufferLength, "a length (an integer from 1 to 2^32)", &length)) {
+    return {};
+  }
   if (!ArgInteger(info, 3, 0, INT32_MAX, "PROT_READ, optionally | PROT_WRITE", &prot)) return {};
   // An ArrayBuffer over memory JS cannot read would crash on first use; PROT_EXEC has no place.
   if ((prot & PROT_READ) == 0 || (prot & ~(PROT_READ | PROT_WRITE)) != 0) {
@@ -82,15 +92,27 @@ Napi::Value Mmap(const Napi::CallbackInfo& info) {
     return {};
   }
   void* data = static_cast<char*>(base) + (offset - aligned);
-  std::shared_ptr<MapRegistry> registry = GetAddonData(env)->mappings;
-  MapRecord* record = new MapRecord{base, map_len, data, true, registry};
+  MapRecord* record = new MapRecord();
+  record->base = base;
+  record->len = map_len;
+  record->data = data;
+  record->mapped = true;
+  record->prot = static_cast<int>(prot);
+  record->registry = GetAddonData(env)->mappings;
 
+  // V8 may run the finaliser itself when it cannot make the buffer; then it has unmapped and
+  // freed the record already, and doing so again here would be a double free.
+  bool finalized = false;
+  record->finalized = &finalized;
   napi_value buffer;
   napi_status status = napi_create_external_arraybuffer(
       env, data, static_cast<size_t>(length), FinalizeMapping, record, &buffer);
+  if (!finalized) record->finalized = nullptr;
   if (status != napi_ok) {
-    munmap(base, map_len);
-    delete record;
+    if (!finalized) {
+      munmap(base, map_len);
+      delete record;
+    }
     if (env.IsExceptionPending()) return {};
     if (status == napi_no_external_buffers_allowed) {
       Napi::Error::New(env,
@@ -103,7 +125,8 @@ Napi::Value Mmap(const Napi::CallbackInfo& info) {
     }
     return {};
   }
-  (*registry)[data] = record;
+  GuardAdd(record);
+  (*record->registry)[data] = record;
   return Napi::Value(env, buffer);
 }
 
@@ -129,6 +152,7 @@ Napi::Value Munmap(const Napi::CallbackInfo& info) {
   size_t len = record->len;
   registry.erase(it);
   record->mapped = false;
+  GuardRemove(record);
 
   // Detach first, so no JS view can reach the memory once it is gone. Detaching may release the
   // backing store and so queue (or run) the finaliser, which frees `record`: do not touch it after.
@@ -136,6 +160,7 @@ Napi::Value Munmap(const Napi::CallbackInfo& info) {
   if (env.IsExceptionPending()) {
     record->mapped = true;
     registry[record->data] = record;
+    GuardAdd(record);
     return {};
   }
   if (munmap(base, len) != 0) {
@@ -143,6 +168,22 @@ Napi::Value Munmap(const Napi::CallbackInfo& info) {
     return {};
   }
   return env.Undefined();
+}
+
+// mmapPoisoned(buffer) -> true if the SIGBUS guard replaced this mapping's pages (its file shrank).
+// A detached or unmapped buffer is not poisoned.
+Napi::Value MmapPoisoned(const Napi::CallbackInfo& info) {
+  Napi::Env env = info.Env();
+  if (!info[0].IsArrayBuffer()) {
+    ThrowArgError(env, 0, "an ArrayBuffer returned by mmap");
+    return {};
+  }
+  Napi::ArrayBuffer buffer = info[0].As<Napi::ArrayBuffer>();
+  if (buffer.IsDetached() || buffer.ByteLength() == 0) return Napi::Boolean::New(env, false);
+  MapRegistry& registry = *GetAddonData(env)->mappings;
+  auto it = registry.find(buffer.Data());
+  bool poisoned = it != registry.end() && it->second->poisoned.load(std::memory_order_acquire);
+  return Napi::Boolean::New(env, poisoned);
 }
 
 }  // namespace vfu

@@ -162,18 +162,26 @@ void Poller::OnPoll(uv_poll_t* poll, int status, int events) {
   Napi::Env env = self->Env();
   Napi::HandleScope scope(env);
   Napi::Object receiver = self->Value();  // kept alive by this scope while the callback runs
+  napi_value argv[2] = {Napi::Number::New(env, status),
+                        Napi::Number::New(env, status < 0 ? 0 : events)};
   self->in_callback_ = true;
-  self->callback_.MakeCallback(receiver,
-                               {Napi::Number::New(env, status),
-                                Napi::Number::New(env, status < 0 ? 0 : events)},
-                               *self->context_);
+  // Raw napi_make_callback, not FunctionReference::MakeCallback: that one throws a new JS error
+  // when the call fails, and in an environment that is being torn down (a Worker terminating or
+  // exiting) throwing is itself impossible, which node-addon-api turns into a fatal error.
+  napi_value result;
+  napi_status call = napi_make_callback(env, static_cast<napi_async_context>(*self->context_),
+                                        receiver, self->callback_.Value(), 2, argv, &result);
   self->in_callback_ = false;
   if (self->handle_ == nullptr) self->context_.reset();
-  if (env.IsExceptionPending()) {
-    // Nothing on the stack can catch it: report it as uncaught, like any event-loop callback.
-    Napi::Error error = env.GetAndClearPendingException();
-    napi_fatal_exception(env, error.Value());
+  if (call == napi_ok || call == napi_pending_exception) {
+    bool pending = false;
+    if (napi_is_exception_pending(env, &pending) == napi_ok && pending) {
+      // Nothing on the stack can catch it: report it as uncaught, like any event-loop callback.
+      napi_value error;
+      if (napi_get_and_clear_last_exception(env, &error) == napi_ok) napi_fatal_exception(env, error);
+    }
   }
+  // Any other status means the environment can no longer run JS: nothing to report to.
 }
 
 void Poller::OnClose(uv_handle_t* handle) {

@@ -50,6 +50,10 @@ export interface NativeConstants {
   readonly EFD_NONBLOCK: number;
   readonly EFD_SEMAPHORE: number;
   readonly MFD_ALLOW_SEALING: number;
+  readonly F_SEAL_SEAL: number;
+  readonly F_SEAL_SHRINK: number;
+  readonly F_SEAL_GROW: number;
+  readonly F_SEAL_WRITE: number;
   /** Linux SCM_MAX_FD: most fds one sendmsg may carry. */
   readonly SCM_MAX_FD: number;
   readonly EAGAIN: number;
@@ -60,8 +64,12 @@ export interface NativeBinding {
   readonly pollEvents: PollEvents;
   readonly Poller: PollerConstructor;
 
-  /** socket(AF_UNIX, SOCK_STREAM|NONBLOCK|CLOEXEC) + bind + listen. Does not unlink `path` first. */
-  unixListen(path: string, backlog: number): number;
+  /**
+   * socket(AF_UNIX, SOCK_STREAM|NONBLOCK|CLOEXEC) + bind + listen. Does not unlink `path` first.
+   * With `mode` (0..0o777) the socket is fchmod'ed before bind, so the file is created with `mode`
+   * less the umask, atomically (it never exists with a wider mode); without, the umask alone decides.
+   */
+  unixListen(path: string, backlog: number, mode?: number): number;
   /** accept4(NONBLOCK|CLOEXEC); returns the new fd, or -1 when no connection is pending. */
   unixAccept(listenFd: number): number;
   /** A connected non-blocking CLOEXEC unix stream socket. Throws (e.g. ECONNREFUSED, ENOENT, EAGAIN). */
@@ -97,10 +105,23 @@ export interface NativeBinding {
    * The mapping is aligned to the page size, or to st_blksize when larger (hugetlbfs). `prot` must
    * include PROT_READ and may add PROT_WRITE (nothing else): writing through a view of a read-only
    * mapping, or touching pages past the end of the file, kills the process (SIGSEGV/SIGBUS).
-   * `offset` is a safe-integer Number or a BigInt below 2^63; `length` is 1..2^53-1.
+   * `offset` is a safe-integer Number or a BigInt below 2^63; `length` is 1..2^32 (V8's largest
+   * ArrayBuffer; RangeError above: lib/native/mapping.ts maps longer ranges as several buffers).
    * External ArrayBuffers need Node.js: runtimes with a V8 memory cage (Electron) get an Error.
+   * Every mapping is guarded against SIGBUS: if its file shrinks, touching the lost pages replaces
+   * the whole mapping with zero pages (see {@link mmapPoisoned}) instead of ending the process.
    */
   mmap(fd: number, offset: number | bigint, length: number, prot: number): ArrayBuffer;
+  /**
+   * True if the SIGBUS guard replaced this mapping's pages because its file shrank under it; false
+   * for a healthy, detached or unmapped buffer. TypeError for anything but an ArrayBuffer.
+   */
+  mmapPoisoned(buffer: ArrayBuffer): boolean;
+  /**
+   * This environment's fault counter (one element): the SIGBUS guard adds 1 whenever it poisons a
+   * mapping, so a reader can tell, without a call, whether anything needs {@link mmapPoisoned}.
+   */
+  readonly faultEpoch: Int32Array;
   /**
    * Detach `buffer` (every view of it then has length 0), then munmap it. Idempotent: a second call,
    * or a call on an already detached buffer, does nothing. Throws TypeError for an ArrayBuffer that
@@ -110,6 +131,10 @@ export interface NativeBinding {
 
   /** memfd_create(name, MFD_CLOEXEC | flags). */
   memfdCreate(name: string, flags?: number): number;
+  /** fcntl(F_GET_SEALS): the F_SEAL_* bits of `fd`. Throws EINVAL for a file that has no seals. */
+  getSeals(fd: number): number;
+  /** fcntl(F_ADD_SEALS). Throws EPERM once F_SEAL_SEAL is set (or without MFD_ALLOW_SEALING). */
+  addSeals(fd: number, seals: number): void;
   /** eventfd(initval, EFD_CLOEXEC | flags). */
   eventfd(initval: number, flags?: number): number;
   /**

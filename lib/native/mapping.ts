@@ -7,6 +7,17 @@
  * is 0, then detaches the ArrayBuffer (every view of it reads as length 0) and unmaps, so no view
  * and no in-flight operation can touch unmapped memory. {@link Mapping.unmapNow} skips the wait.
  * A Mapping that is never unmapped is unmapped when its ArrayBuffer is garbage-collected.
+ *
+ * Size: one ArrayBuffer (and one Buffer) holds at most {@link Mapping.MAX_WINDOW} bytes (4 GiB, V8's
+ * and Node's limit). A longer mapping is made of overlapping windows: window k maps
+ * `[k * STRIDE, k * STRIDE + MAX_WINDOW)` with STRIDE = MAX_WINDOW / 2, so any range of up to
+ * {@link Mapping.MAX_VIEW} bytes lies whole inside one window and {@link Mapping.view} is zero-copy
+ * for it. The overlap costs address space only: both windows map the same pages of the file.
+ *
+ * Truncation: if the file shrinks under the mapping (a peer truncates memory it shared), touching
+ * the lost pages would raise SIGBUS. The addon's guard replaces the mapping with zero pages
+ * instead and marks it {@link Mapping.poisoned}: the access completes with garbage, and the
+ * owner must treat the I/O that touched it as failed.
  */
 import * as fs from 'node:fs';
 import { markAsUntransferable } from 'node:worker_threads';
@@ -17,8 +28,17 @@ import { Fd } from './fd';
 export type MappingState = 'mapped' | 'unmapping' | 'unmapped';
 
 const MAX_SAFE = BigInt(Number.MAX_SAFE_INTEGER);
+const MAX_WINDOW = 2 ** 32;
+const STRIDE = MAX_WINDOW / 2;
+/** The guard's counter for this thread's environment: changes whenever a mapping is poisoned. */
+const faultEpoch = binding.faultEpoch;
 
 export class Mapping {
+  /** The most bytes one ArrayBuffer (window) of a mapping holds. */
+  static readonly MAX_WINDOW = MAX_WINDOW;
+  /** The longest range {@link Mapping.view} always returns as one zero-copy Buffer. */
+  static readonly MAX_VIEW = STRIDE;
+
   /** Offset of the mapping in the file. */
   readonly offset: bigint;
   /** Length in bytes. */
@@ -26,16 +46,20 @@ export class Mapping {
   /** The protection it was mapped with (`constants.PROT_*`). */
   readonly prot: number;
 
-  #buffer: ArrayBuffer;
-  #bytes: Buffer | undefined;
+  /** Window k starts at byte k * STRIDE of the mapping. */
+  #windows: ArrayBuffer[];
+  #bytes: (Buffer | undefined)[];
+  #epoch = faultEpoch[0]!;
+  #poisoned = false;
   #refs = 0;
   #state: MappingState = 'mapped';
   #done: Promise<void> | undefined;
   #resolve: (() => void) | undefined;
   #reject: ((err: unknown) => void) | undefined;
 
-  private constructor(buffer: ArrayBuffer, offset: bigint, length: number, prot: number) {
-    this.#buffer = buffer;
+  private constructor(windows: ArrayBuffer[], offset: bigint, length: number, prot: number) {
+    this.#windows = windows;
+    this.#bytes = new Array<Buffer | undefined>(windows.length);
     this.offset = offset;
     this.length = length;
     this.prot = prot;
@@ -50,8 +74,8 @@ export class Mapping {
    * ENODEV, ...) carry `code`, `errno` and `syscall`.
    *
    * Note: a mapping without PROT_WRITE must not be written through its views (the process would
-   * crash), and a peer that shrinks a file after it was mapped can still cause SIGBUS; seal
-   * memfds against shrinking (F_SEAL_SHRINK) where that matters.
+   * crash). A file that shrinks after it was mapped poisons the mapping ({@link Mapping.poisoned});
+   * seal memfds against shrinking (F_SEAL_SHRINK) so that it cannot happen.
    */
   static map(
     fd: Fd | number,
@@ -82,24 +106,86 @@ export class Mapping {
         `mapping [${start}, ${start + BigInt(length)}) ends past the end of the file (${stat.size} bytes)`,
       );
     }
-    // The addon takes a Number offset only while it is exact; larger ones go as BigInt.
-    const buffer = binding.mmap(raw, start <= MAX_SAFE ? Number(start) : start, length, prot);
-    // An external buffer moved to another thread would outlive this Mapping's bookkeeping.
-    markAsUntransferable(buffer);
-    return new Mapping(buffer, start, length, prot);
+    const windows: ArrayBuffer[] = [];
+    try {
+      for (let at = 0; ; at += STRIDE) {
+        const size = Math.min(MAX_WINDOW, length - at);
+        const where = start + BigInt(at);
+        // The addon takes a Number offset only while it is exact; larger ones go as BigInt.
+        const buffer = binding.mmap(raw, where <= MAX_SAFE ? Number(where) : where, size, prot);
+        // An external buffer moved to another thread would outlive this Mapping's bookkeeping.
+        markAsUntransferable(buffer);
+        windows.push(buffer);
+        if (at + size === length) break;
+      }
+    } catch (err) {
+      for (const w of windows) binding.munmap(w);
+      throw err;
+    }
+    return new Mapping(windows, start, length, prot);
   }
 
-  /** The mapped memory. Throws once unmapped. */
+  /** The mapped memory, for a mapping of at most {@link Mapping.MAX_WINDOW} bytes. Throws once unmapped. */
   get buffer(): ArrayBuffer {
     this.#assertUsable();
-    return this.#buffer;
+    this.#assertOneWindow();
+    return this.#windows[0]!;
   }
 
-  /** A Buffer over the whole mapping (zero-copy, created once). Throws once unmapped. */
+  /**
+   * A Buffer over the whole mapping (zero-copy, created once), for a mapping of at most
+   * {@link Mapping.MAX_WINDOW} bytes (use {@link Mapping.view} for longer ones). Throws once unmapped.
+   */
   get bytes(): Buffer {
     this.#assertUsable();
-    this.#bytes ??= Buffer.from(this.#buffer, 0, this.length);
-    return this.#bytes;
+    this.#assertOneWindow();
+    return this.window(0);
+  }
+
+  /**
+   * A zero-copy Buffer over `[start, start + length)` of the mapping. Any range of at most
+   * {@link Mapping.MAX_VIEW} bytes works whatever the mapping's size; a longer one only within one
+   * window (RangeError otherwise: split it). Throws once unmapped, RangeError outside the mapping.
+   */
+  view(start: number, length: number): Buffer {
+    const k = this.locate(start, length);
+    const base = k * STRIDE;
+    return this.window(k).subarray(start - base, start - base + length);
+  }
+
+  /**
+   * The window holding all of `[start, start + length)`: its bytes are {@link Mapping.window}(k),
+   * starting at byte `k * MAX_VIEW` of the mapping. For copies on hot paths that take offsets and
+   * so need no subarray. Same rules and errors as {@link Mapping.view}.
+   */
+  locate(start: number, length: number): number {
+    this.#assertUsable();
+    if (!(start >= 0 && length >= 0 && start + length <= this.length)) {
+      throw new RangeError(`range [${start}, ${start + length}) is outside the mapping (${this.length} bytes)`);
+    }
+    const k = Math.min(Math.floor(start / STRIDE), this.#windows.length - 1);
+    if (start + length - k * STRIDE > this.#windows[k]!.byteLength) {
+      throw new RangeError(`range [${start}, ${start + length}) spans two windows; split it at ${STRIDE}-byte boundaries`);
+    }
+    return k;
+  }
+
+  /** Window `k` as a Buffer (zero-copy, created once); see {@link Mapping.locate}. */
+  window(k: number): Buffer {
+    this.#assertUsable();
+    return (this.#bytes[k] ??= Buffer.from(this.#windows[k]!));
+  }
+
+  /**
+   * True once the file shrank under the mapping and the SIGBUS guard replaced its pages with zeros
+   * (reads of it since then saw zeros; writes went nowhere). Cheap while nothing was poisoned
+   * anywhere in this thread: one integer compare.
+   */
+  get poisoned(): boolean {
+    if (this.#poisoned || this.#epoch === faultEpoch[0]) return this.#poisoned;
+    this.#epoch = faultEpoch[0]!;
+    if (this.#state !== 'unmapped') this.#poisoned = this.#windows.some((w) => binding.mmapPoisoned(w));
+    return this.#poisoned;
   }
 
   get state(): MappingState {
@@ -156,16 +242,27 @@ export class Mapping {
 
   #finish(): void {
     this.#state = 'unmapped';
-    try {
-      binding.munmap(this.#buffer);
-    } catch (err) {
-      if (!this.#reject) throw err;
-      this.#reject(err);
+    this.#bytes.fill(undefined);
+    let failure: unknown = null;
+    for (const w of this.#windows) {
+      try {
+        binding.munmap(w);
+      } catch (err) {
+        failure ??= err;
+      }
+    }
+    if (failure !== null) {
+      if (!this.#reject) throw failure;
+      this.#reject(failure);
       return;
-    } finally {
-      this.#bytes = undefined;
     }
     this.#resolve?.();
+  }
+
+  #assertOneWindow(): void {
+    if (this.#windows.length > 1) {
+      throw new RangeError(`a mapping of ${this.length} bytes has no single Buffer (the most is ${MAX_WINDOW}): use view()`);
+    }
   }
 
   #assertUsable(): void {

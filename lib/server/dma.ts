@@ -7,11 +7,18 @@
  * synchronous turn holds a reference ({@link DmaSpace.acquire}); DMA_UNMAP first makes the range
  * unreachable, then waits for those references, then detaches every view and munmaps. So no view
  * and no pending fs operation can ever touch memory the client has taken back.
+ *
+ * Trust (docs/architecture.md, "Trust model"): only regular files are mapped (memfd, /dev/shm,
+ * hugetlbfs), at page-aligned offsets. A client that truncates a file it mapped here cannot end
+ * the process: the addon's SIGBUS guard swaps the lost pages for zeros and poisons the mapping;
+ * from then on every DMA to that map fails with EFAULT, and {@link DmaSpace.onPoison} is told once
+ * (the server disconnects the client). Maps of files sealed against shrinking cannot be poisoned.
  */
 import * as fs from 'node:fs';
 import { binding } from '../native/binding';
 import { Fd } from '../native/fd';
 import { Mapping } from '../native/mapping';
+import { isSealedAgainstShrinking } from '../native/memfd';
 import { DmaMapFlags, Errno } from '../protocol/constants';
 
 /** A dirty bitmap for `size` bytes at `pageSize` granularity (one bit per page). */
@@ -48,6 +55,8 @@ export interface DmaRegion {
   readonly fileOffset: bigint;
   /** Identity of the backing file (st_dev:st_ino), to recognise an identical re-map. */
   readonly fileId: string | null;
+  /** The file is sealed against shrinking (F_SEAL_SHRINK): its mapping can never lose pages. */
+  readonly sealed: boolean;
 }
 
 /** A referenced, zero-copy view of client memory. Call `release()` when the I/O is done. */
@@ -81,6 +90,13 @@ export class DmaSpace {
   transport: DmaTransport | null = null;
   private logPageSize = 0;
   private readonly dirty = new Map<DmaRegion, Uint8Array>();
+  /** Maps found poisoned (their file shrank), each reported to {@link onPoison} once. */
+  private readonly poisoned = new WeakSet<DmaRegion>();
+  /**
+   * Called once per map whose file the client truncated under us (see the module doc). The map
+   * stays in place, answering EFAULT, until the client unmaps it or goes away.
+   */
+  onPoison: ((region: DmaRegion) => void) | null = null;
 
   constructor(readonly maxMaps = 65535) {}
 
@@ -95,8 +111,10 @@ export class DmaSpace {
 
   /**
    * DMA_MAP. Takes ownership of `fd` (closed on every path: a mapping keeps the file alive by
-   * itself). Returns 0 or an errno: EINVAL for bad flags, alignment or a range past the file's end;
-   * EEXIST for an overlap (an identical re-map is accepted as a no-op); ENOSPC past the map limit.
+   * itself). Returns 0 or an errno: EINVAL for bad flags, alignment (iova, size and file offset
+   * page-aligned), an fd that is not a regular file (shareable memory: memfd, /dev/shm,
+   * hugetlbfs; not /dev/zero, a socket or a pipe) or a range past the file's end; EEXIST for an
+   * overlap (an identical re-map is accepted as a no-op); ENOSPC past the map limit.
    */
   add(req: DmaMapRequest, fd: Fd | null): number {
     try {
@@ -118,7 +136,9 @@ export class DmaSpace {
 
     let fileId: string | null = null;
     if (fd !== null) {
+      if (req.offset % BigInt(PAGE) !== 0n) return Errno.EINVAL;
       const st = fs.fstatSync(fd.value, { bigint: true });
+      if (!st.isFile()) return Errno.EINVAL;
       fileId = `${st.dev}:${st.ino}`;
     }
     const at = this.lowerBound(iova);
@@ -139,7 +159,8 @@ export class DmaSpace {
         return Errno.EINVAL;
       }
     }
-    const region: DmaRegion = { iova, size, flags, mapping, fileOffset: fd === null ? 0n : req.offset, fileId };
+    const sealed = fd !== null && isSealedAgainstShrinking(fd);
+    const region: DmaRegion = { iova, size, flags, mapping, fileOffset: fd === null ? 0n : req.offset, fileId, sealed };
     // Only shared maps are logged: writes to message-only maps went through the client.
     if (this.logPageSize > 0 && mapping !== null) this.dirty.set(region, newLog(size, this.logPageSize));
     this.regions.splice(at, 0, region);
@@ -181,9 +202,32 @@ export class DmaSpace {
   view(iova: number, length: number, write: boolean): Buffer {
     const region = this.check(iova, length, write);
     if (region.mapping === null) throw new DmaError(Errno.ENOENT, `DMA range 0x${iova.toString(16)}+${length} has no shared memory (message-only map)`);
+    if (region.mapping.poisoned) throw this.poisonError(region);
     if (write && this.logPageSize > 0) this.markDirty(region, iova, length);
-    const start = iova - region.iova;
-    return region.mapping.bytes.subarray(start, start + length);
+    return region.mapping.view(iova - region.iova, length);
+  }
+
+  /**
+   * True if the file behind the map holding `iova` shrank under us (see the module doc): data the
+   * device moved through views of it since then is garbage, so the I/O must fail. Reports the map
+   * to {@link onPoison} the first time. Cheap while nothing is poisoned (one compare).
+   */
+  isPoisoned(iova: number): boolean {
+    const region = this.find(iova);
+    if (region === null || region.mapping === null || !region.mapping.poisoned) return false;
+    this.reportPoison(region);
+    return true;
+  }
+
+  private poisonError(region: DmaRegion): DmaError {
+    this.reportPoison(region);
+    return new DmaError(Errno.EFAULT, `DMA map 0x${region.iova.toString(16)}+${region.size} lost its memory: the client truncated the file it shared`);
+  }
+
+  private reportPoison(region: DmaRegion): void {
+    if (this.poisoned.has(region)) return;
+    this.poisoned.add(region);
+    this.onPoison?.(region);
   }
 
   /** Like {@link DmaSpace.view}, but holds the range mapped until `release()` (async device I/O). */
@@ -215,7 +259,7 @@ export class DmaSpace {
     try {
       for (let at = iova, rest = length; rest > 0; ) {
         const region = this.find(at);
-        const n = region === null ? rest : Math.min(rest, region.iova + region.size - at);
+        const n = region === null ? rest : Math.min(rest, region.iova + region.size - at, Mapping.MAX_VIEW);
         bufs.push(this.view(at, n, write));
         held.push(region!.mapping!.acquire());
         at += n;
@@ -249,7 +293,7 @@ export class DmaSpace {
     while (done < buf.length) {
       const at = iova + done;
       const region = this.check(at, 1, write);
-      const n = Math.min(buf.length - done, region.iova + region.size - at);
+      const n = Math.min(buf.length - done, region.iova + region.size - at, Mapping.MAX_VIEW);
       const part = buf.subarray(done, done + n);
       if (region.mapping !== null) {
         const view = this.view(at, n, write);

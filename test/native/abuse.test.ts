@@ -44,7 +44,11 @@ describe('wrong argument types and values', () => {
     ['mmap', (x) => [0, 0, x, PROT_READ], [2 ** 31]],
     ['mmap', (x) => [0, 0, 8, x]],
     ['munmap', (x) => [x]],
+    ['mmapPoisoned', (x) => [x]],
     ['memfdCreate', (x) => [x], ['x']],
+    ['getSeals', (x) => [x]],
+    ['addSeals', (x) => [x, 0]],
+    ['addSeals', (x) => [0, x], [undefined]],
     ['eventfd', (x) => [x], [2 ** 31]],
     ['eventfdSignal', (x) => [x]],
     ['eventfdDrain', (x) => [x]],
@@ -141,6 +145,8 @@ describe('closed fds throw EBADF with code, errno and syscall', () => {
     ['mmap', (fd) => binding.mmap(fd, 0, 8, PROT_READ), 'mmap'],
     ['eventfdSignal', (fd) => binding.eventfdSignal(fd), 'write'],
     ['eventfdDrain', (fd) => binding.eventfdDrain(fd), 'read'],
+    ['getSeals', (fd) => binding.getSeals(fd), 'fcntl'],
+    ['addSeals', (fd) => binding.addSeals(fd, 0), 'fcntl'],
     ['Poller', (fd) => new binding.Poller(fd, () => {}), 'uv_poll_init'],
   ];
   for (const [name, call, syscall] of cases) {

@@ -175,3 +175,50 @@ describe('Mapping', () => {
     m.unmapNow();
   });
 });
+
+describe('Mapping over 4 GiB', () => {
+  const GiB = 2 ** 30;
+
+  it('maps 64 GiB as overlapping windows; any view up to MAX_VIEW is zero-copy', () => {
+    const { fd, name } = memfd(64 * GiB); // sparse
+    const m = Mapping.map(fd, 0, 64 * GiB);
+    fd.close();
+    expect(m.length).toBe(64 * GiB);
+    expect(mappingsOf(name)).toBe(31); // windows of 4 GiB every 2 GiB
+    expect(() => m.bytes).toThrow(RangeError);
+    expect(() => m.buffer).toThrow(RangeError);
+
+    // A view straddling a window boundary, and one at the very end.
+    const across = m.view(4 * GiB - 8, 16);
+    across.write('0123456789abcdef');
+    expect(m.view(4 * GiB, 8).toString()).toBe('89abcdef');
+    expect(m.view(2 * GiB, 2 * GiB).length).toBe(2 * GiB);
+    m.view(64 * GiB - 4, 4).write('tail');
+    expect(m.view(62 * GiB, 2 * GiB).toString('latin1', 2 * GiB - 4)).toBe('tail');
+
+    expect(() => m.view(64 * GiB - 4, 5)).toThrow(RangeError);
+    expect(() => m.view(-1, 1)).toThrow(RangeError);
+    expect(() => m.view(GiB, 4 * GiB)).toThrow(/spans two windows/);
+    m.unmapNow();
+    expect(mappingsOf(name)).toBe(0);
+    expect(() => m.view(0, 1)).toThrow(expect.objectContaining({ code: 'ERR_MAPPING_UNMAPPED' }));
+  });
+
+  it('keeps a single window, and bytes, up to exactly 4 GiB', () => {
+    const { fd } = memfd(4 * GiB);
+    const m = Mapping.map(fd, 0, 4 * GiB);
+    fd.close();
+    expect(m.bytes.length).toBe(4 * GiB);
+    expect(m.view(4 * GiB - 1, 1).buffer).toBe(m.buffer);
+    m.unmapNow();
+  });
+
+  it('maps a long range at a file offset past 4 GiB', () => {
+    const { fd } = memfd(12 * GiB);
+    fs.writeSync(fd.value, Buffer.from('deep'), 0, 4, 11 * GiB);
+    const m = Mapping.map(fd, 5 * GiB, 7 * GiB);
+    fd.close();
+    expect(m.view(6 * GiB, 4).toString()).toBe('deep');
+    m.unmapNow();
+  });
+});

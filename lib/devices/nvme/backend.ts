@@ -65,6 +65,10 @@ export class RamBackend implements NvmeBackend {
   #fd: Fd | null;
   #mapping: Mapping | null;
 
+  /**
+   * `size` may be anything the address space allows (`--size 1T` works): the memfd is sparse, so
+   * only blocks written take memory, and a mapping over 4 GiB is reached through windows.
+   */
   constructor(size: number, name = 'vfio-user-nvme-ram') {
     if (!Number.isSafeInteger(size) || size <= 0) throw new RangeError(`Expected a RAM backend size > 0, got ${size}`);
     this.size = size;
@@ -83,24 +87,28 @@ export class RamBackend implements NvmeBackend {
     return this.#fd;
   }
 
-  /** The whole disk as a Buffer view (for tests and tools; valid until close). */
+  /** The whole disk as a Buffer view, for disks of at most 4 GiB (for tests and tools; valid until close). */
   get bytes(): Buffer {
-    if (this.#mapping === null) throw new Error('RamBackend is closed');
-    return this.#mapping.bytes;
+    return this.#live().bytes;
+  }
+
+  /** The disk's bytes `[offset, offset + length)` as a zero-copy Buffer (length up to 2 GiB). */
+  view(offset: number, length: number): Buffer {
+    checkRange(this.size, offset, length);
+    return this.#live().view(offset, length);
   }
 
   read(offset: number, dst: Buffer): Promise<void> {
     checkRange(this.size, offset, dst.length);
-    this.bytes.copy(dst, 0, offset, offset + dst.length);
+    this.#copyOut(offset, dst);
     return RESOLVED;
   }
 
   readv(offset: number, dsts: readonly Buffer[]): Promise<void> {
-    const bytes = this.bytes;
     let at = offset;
     for (const dst of dsts) {
       checkRange(this.size, at, dst.length);
-      bytes.copy(dst, 0, at, at + dst.length);
+      this.#copyOut(at, dst);
       at += dst.length;
     }
     return RESOLVED;
@@ -108,16 +116,15 @@ export class RamBackend implements NvmeBackend {
 
   write(offset: number, src: Buffer, _fua: boolean): Promise<void> {
     checkRange(this.size, offset, src.length);
-    src.copy(this.bytes, offset);
+    this.#copyIn(offset, src);
     return RESOLVED;
   }
 
   writev(offset: number, srcs: readonly Buffer[], _fua: boolean): Promise<void> {
-    const bytes = this.bytes;
     let at = offset;
     for (const src of srcs) {
       checkRange(this.size, at, src.length);
-      src.copy(bytes, at);
+      this.#copyIn(at, src);
       at += src.length;
     }
     return RESOLVED;
@@ -133,7 +140,14 @@ export class RamBackend implements NvmeBackend {
 
   writeZeroes(offset: number, length: number, _fua: boolean): Promise<void> {
     checkRange(this.size, offset, length);
-    this.bytes.fill(0, offset, offset + length);
+    const m = this.#live();
+    for (let at = offset, end = offset + length; at < end; ) {
+      const n = Math.min(end - at, Mapping.MAX_VIEW);
+      const k = m.locate(at, n);
+      const base = k * Mapping.MAX_VIEW;
+      m.window(k).fill(0, at - base, at - base + n);
+      at += n;
+    }
     return RESOLVED;
   }
 
@@ -143,6 +157,33 @@ export class RamBackend implements NvmeBackend {
     this.#fd?.close();
     this.#fd = null;
     return RESOLVED;
+  }
+
+  #live(): Mapping {
+    if (this.#mapping === null) throw new Error('RamBackend is closed');
+    return this.#mapping;
+  }
+
+  // Copies go through the window holding the range, by offsets: no view is made per I/O.
+  #copyOut(offset: number, dst: Buffer): void {
+    const m = this.#live();
+    for (let done = 0; done < dst.length; ) {
+      const n = Math.min(dst.length - done, Mapping.MAX_VIEW);
+      const k = m.locate(offset + done, n);
+      const at = offset + done - k * Mapping.MAX_VIEW;
+      m.window(k).copy(dst, done, at, at + n);
+      done += n;
+    }
+  }
+
+  #copyIn(offset: number, src: Buffer): void {
+    const m = this.#live();
+    for (let done = 0; done < src.length; ) {
+      const n = Math.min(src.length - done, Mapping.MAX_VIEW);
+      const k = m.locate(offset + done, n);
+      src.copy(m.window(k), offset + done - k * Mapping.MAX_VIEW, done, done + n);
+      done += n;
+    }
   }
 }
 

@@ -57,8 +57,9 @@ export class DoorbellPage {
   constructor(readonly mode: DoorbellMode) {
     if (mode === 'mmap') {
       // The file covers all of BAR0 so that region offset = file offset; only the doorbell page
-      // is ever mapped (by us and by the client). Nothing else is stored in it.
-      const fd = createMemfd('vfio-user-nvme-doorbells', BAR0_SIZE);
+      // is ever mapped (by us and by the client). Nothing else is stored in it. Its size is
+      // sealed: a client that could shrink it would make our own loads of it raise SIGBUS.
+      const fd = createMemfd('vfio-user-nvme-doorbells', BAR0_SIZE, { sealSize: true });
       try {
         this.mapping = Mapping.map(fd, DOORBELL_OFFSET, DOORBELL_PAGE_SIZE);
       } catch (err) {

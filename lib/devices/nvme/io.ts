@@ -135,7 +135,9 @@ function readWrite(ctx: IoContext, req: Request, write: boolean): HandlerResult 
 }
 
 function readWriteDone(ctx: IoContext, req: Request): number {
+  const poisoned = req.xfer.poisoned(ctx.dma, req.segs);
   req.xfer.release();
+  if (poisoned) return Status.DATA_XFER_ERROR;
   const stats = ctx.stats;
   if (req.ioWrite) {
     stats.units512Written += req.ioBytes / 512;
@@ -267,6 +269,8 @@ function settle(ctx: IoContext, req: Request, op: () => Promise<void>, write: bo
 function mediaError(ctx: IoContext, req: Request, err: unknown, write: boolean): number {
   // A bounce copy through DMA_READ/DMA_WRITE messages that failed is the guest's map, not the media.
   if (err instanceof DmaError) return Status.DATA_XFER_ERROR;
+  // The kernel refused to copy to or from guest memory (a map the client truncated): not the media.
+  if ((err as NodeJS.ErrnoException | null)?.code === 'EFAULT') return Status.DATA_XFER_ERROR;
   ctx.stats.mediaErrors++;
   ctx.backendError(req, err);
   return write ? Status.WRITE_FAULT : Status.READ_ERROR;

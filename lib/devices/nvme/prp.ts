@@ -162,6 +162,17 @@ export class Transfer {
     return Status.SUCCESS;
   }
 
+  /**
+   * True if a map this transfer used lost its memory since (the client truncated the file it
+   * shared): the data moved is garbage and the command must fail. Reports the maps to `dma`.
+   */
+  poisoned(dma: DmaSpace, segs: Segments): boolean {
+    let hit = false;
+    for (const m of this.held) if (m.poisoned) hit = true;
+    if (hit) for (let s = 0; s < segs.count; s++) dma.isPoisoned(segs.iova[s]!);
+    return hit;
+  }
+
   /** Drops every reference (idempotent). */
   release(): void {
     for (const m of this.held) {
