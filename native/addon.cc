@@ -28,6 +28,7 @@ constexpr int kScmMaxFd = 253;
   V("memfdCreate", MemfdCreate)   \
   V("getSeals", GetSeals)         \
   V("addSeals", AddSeals)         \
+  V("punchHole", PunchHole)       \
   V("eventfd", Eventfd)           \
   V("eventfdSignal", EventfdSignal) \
   V("eventfdDrain", EventfdDrain)

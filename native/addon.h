@@ -72,6 +72,7 @@ Napi::Value MmapPoisoned(const Napi::CallbackInfo& info);
 Napi::Value MemfdCreate(const Napi::CallbackInfo& info);
 Napi::Value GetSeals(const Napi::CallbackInfo& info);
 Napi::Value AddSeals(const Napi::CallbackInfo& info);
+Napi::Value PunchHole(const Napi::CallbackInfo& info);
 // eventfd.cc
 Napi::Value Eventfd(const Napi::CallbackInfo& info);
 Napi::Value EventfdSignal(const Napi::CallbackInfo& info);

@@ -1,5 +1,6 @@
-// memfd_create: anonymous shared memory with an fd, e.g. guest memory to pass to a peer; and its
-// seals (F_SEAL_SHRINK and F_SEAL_GROW make a size the peer can no longer change).
+// memfd_create: anonymous shared memory with an fd, e.g. guest memory to pass to a peer; its seals
+// (F_SEAL_SHRINK and F_SEAL_GROW make a size the peer can no longer change); and punching holes,
+// which gives a sparse memfd's (or file's) pages back instead of storing zeros in them.
 #include <fcntl.h>
 #include <sys/mman.h>
 
@@ -53,6 +54,23 @@ Napi::Value AddSeals(const Napi::CallbackInfo& info) {
   if (!ArgFlags(info, 1, &seals)) return {};
   if (fcntl(fd, F_ADD_SEALS, seals) < 0) {
     ThrowErrno(info.Env(), errno, "fcntl");
+    return {};
+  }
+  return info.Env().Undefined();
+}
+
+// punchHole(fd, offset, length): fallocate(PUNCH_HOLE | KEEP_SIZE). The range reads back as zeros
+// and its memory (or disk blocks) is freed. Throws EOPNOTSUPP where the file system cannot.
+Napi::Value PunchHole(const Napi::CallbackInfo& info) {
+  constexpr int64_t kMaxSafe = (int64_t{1} << 53) - 1;
+  int fd;
+  int64_t offset;
+  int64_t length;
+  if (!ArgFd(info, 0, &fd)) return {};
+  if (!ArgInteger(info, 1, 0, kMaxSafe, "an offset (an integer >= 0)", &offset)) return {};
+  if (!ArgInteger(info, 2, 1, kMaxSafe, "a length (an integer >= 1)", &length)) return {};
+  if (fallocate(fd, FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE, offset, length) < 0) {
+    ThrowErrno(info.Env(), errno, "fallocate");
     return {};
   }
   return info.Env().Undefined();

@@ -135,6 +135,11 @@ export interface NativeBinding {
   getSeals(fd: number): number;
   /** fcntl(F_ADD_SEALS). Throws EPERM once F_SEAL_SEAL is set (or without MFD_ALLOW_SEALING). */
   addSeals(fd: number, seals: number): void;
+  /**
+   * fallocate(PUNCH_HOLE | KEEP_SIZE): `[offset, offset + length)` reads back as zeros and its
+   * memory (memfd) or blocks (file) are freed; the size stays. EOPNOTSUPP where unsupported.
+   */
+  punchHole(fd: number, offset: number, length: number): void;
   /** eventfd(initval, EFD_CLOEXEC | flags). */
   eventfd(initval: number, flags?: number): number;
   /**

@@ -17,6 +17,7 @@
  * @packageDocumentation
  */
 import * as fs from 'node:fs';
+import { binding } from '../../native/binding';
 import { createMemfd } from '../../native/memfd';
 import { Mapping } from '../../native/mapping';
 import type { Fd } from '../../native/fd';
@@ -56,8 +57,8 @@ function checkRange(size: number, offset: number, length: number): void {
 /**
  * A RAM disk: a memfd of `size` bytes mapped shared into this process, so the data lives outside
  * the V8 heap (and could be handed to another process by fd). Every operation completes
- * synchronously and returns an already-resolved promise; flush is a no-op; discarded ranges read
- * back as zeroes.
+ * synchronously and returns an already-resolved promise; flush is a no-op; discarded and zeroed
+ * ranges are holes: they read back as zeroes and take no memory.
  */
 export class RamBackend implements NvmeBackend {
   readonly size: number;
@@ -138,16 +139,14 @@ export class RamBackend implements NvmeBackend {
     return this.writeZeroes(offset, length, false);
   }
 
+  /**
+   * Punches a hole in the memfd: the range reads back as zeros and its memory is given back, so a
+   * guest that discards a whole `--size 1T` disk (mkfs does) frees memory instead of filling it.
+   */
   writeZeroes(offset: number, length: number, _fua: boolean): Promise<void> {
     checkRange(this.size, offset, length);
-    const m = this.#live();
-    for (let at = offset, end = offset + length; at < end; ) {
-      const n = Math.min(end - at, Mapping.MAX_VIEW);
-      const k = m.locate(at, n);
-      const base = k * Mapping.MAX_VIEW;
-      m.window(k).fill(0, at - base, at - base + n);
-      at += n;
-    }
+    this.#live();
+    if (length > 0) binding.punchHole(this.#fd!.value, offset, length);
     return RESOLVED;
   }
 
@@ -207,9 +206,10 @@ let zeroChunk: Buffer | null = null;
  * A file (or block device) used as the namespace's storage, with positional scatter/gather I/O
  * straight into the guest's memory views: no intermediate buffer, no copy.
  *
- * Durability: writes land in the page cache; `flush()` and FUA writes call `fdatasync`. Discard is
- * a hint that does nothing (Node has no `fallocate(PUNCH_HOLE)`), so discarded blocks keep their
- * data and Identify Namespace reports that deallocated blocks read back "not reported".
+ * Durability: writes land in the page cache; `flush()` and FUA writes call `fdatasync`. Discard
+ * punches a hole (fallocate PUNCH_HOLE, freeing the blocks) where the file system can, and is a
+ * no-op where it cannot; since that varies, Identify Namespace reports that deallocated blocks
+ * read back "not reported".
  */
 export class FileBackend implements NvmeBackend {
   readonly discardZeroes = false;
@@ -297,6 +297,13 @@ export class FileBackend implements NvmeBackend {
 
   discard(offset: number, length: number): Promise<void> {
     checkRange(this.size, offset, length);
+    if (this.readOnly || length === 0) return RESOLVED;
+    try {
+      binding.punchHole(this.fd, offset, length);
+    } catch (err) {
+      // A hint: a file system without hole punching keeps the data, which is allowed.
+      if ((err as NodeJS.ErrnoException).code !== 'EOPNOTSUPP') return Promise.reject(err);
+    }
     return RESOLVED;
   }
 
