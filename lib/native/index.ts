@@ -12,4 +12,4 @@ export {
 export { Fd } from './fd';
 export { Mapping, type MappingState } from './mapping';
 export { EventFd, type EventFdListener, type EventFdOptions } from './eventfd';
-export { createMemfd, isSealedAgainstShrinking, SIZE_SEALS, type MemfdOptions } from './memfd';
+export { createMemfd, isSealedAgainstShrinking, sealSize, SIZE_SEALS, type MemfdOptions } from './memfd';

@@ -48,3 +48,19 @@ export function isSealedAgainstShrinking(fd: Fd | number): boolean {
     return false;
   }
 }
+
+/**
+ * Seals `fd`'s size (F_SEAL_SHRINK | F_SEAL_GROW) before it is handed to a peer, if it can carry
+ * seals (a memfd made with MFD_ALLOW_SEALING and not yet F_SEAL_SEAL'ed). Returns whether it is
+ * now sealed against shrinking. A file that cannot be sealed stays safe for this process (its
+ * mappings are guarded, see {@link Mapping.poisoned}), but a peer can still shrink it.
+ */
+export function sealSize(fd: Fd | number): boolean {
+  const raw = fd instanceof Fd ? fd.value : fd;
+  try {
+    binding.addSeals(raw, SIZE_SEALS);
+  } catch {
+    // not a memfd, or sealing not allowed: report what it has
+  }
+  return isSealedAgainstShrinking(raw);
+}

@@ -4,6 +4,7 @@
  * and drives INTx. Device models extend it (or compose it) and never see the protocol.
  */
 import type { Fd } from '../native/fd';
+import { sealSize } from '../native/memfd';
 import { DeviceFlags, Errno, PciIrq, PciRegion, RegionInfoFlags } from '../protocol/constants';
 import type { AccessResult, DeviceContext, DeviceRegion, ResetReason, VfioUserDevice } from '../server/device';
 import type { IrqIndexInfo } from '../server/irq';
@@ -24,7 +25,11 @@ export interface PciBar extends BarOptions {
   read?(offset: number, dst: Buffer): AccessResult | Promise<AccessResult>;
   /** Serve a write of `src` at `offset` (inside the BAR). */
   write?(offset: number, src: Buffer): AccessResult | Promise<AccessResult>;
-  /** Shared memory the client may mmap (areas relative to the BAR, page-aligned). */
+  /**
+   * Shared memory the client may mmap (areas relative to the BAR, page-aligned). A memfd made
+   * with MFD_ALLOW_SEALING is sealed against shrinking and growing here, before any client sees
+   * it; otherwise a client could truncate it (our own mappings of it survive that, poisoned).
+   */
   mmap?: { fd: Fd; fileOffset: number; areas: { offset: number; size: number }[] };
 }
 
@@ -75,6 +80,7 @@ export class PciDevice implements VfioUserDevice {
       if (bar === undefined) continue;
       const index = Number(key);
       this.config.defineBar(index, bar);
+      if (bar.mmap) sealSize(bar.mmap.fd);
       this.regions[index] = barRegion(bar, index, msixCap);
     }
     this.regions[PciRegion.CONFIG] = this.configRegion();

@@ -179,3 +179,27 @@ describe('BAR declarations', () => {
     expect(readReg(space, Cfg.COMMAND, 2)).toBe(0x0007);
   });
 });
+
+describe('BAR shared memory', () => {
+  it('seals a sealable memfd against shrinking and growing before a client can see it', async () => {
+    const { PciDevice } = await import('../../lib/pci/device');
+    const { createMemfd, isSealedAgainstShrinking } = await import('../../lib/native/memfd');
+    const fs = await import('node:fs');
+    const sealable = createMemfd('bar-shared', 0x4000, { allowSealing: true });
+    const plain = createMemfd('bar-plain', 0x4000);
+    new PciDevice({
+      vendorId: 0x1234,
+      deviceId: 0x5678,
+      classCode: ClassCode.OTHER,
+      bars: {
+        0: { size: 0x4000, mmap: { fd: sealable, fileOffset: 0, areas: [{ offset: 0, size: 0x4000 }] } },
+        2: { size: 0x4000, mmap: { fd: plain, fileOffset: 0, areas: [{ offset: 0, size: 0x4000 }] } },
+      },
+    });
+    expect(isSealedAgainstShrinking(sealable)).toBe(true);
+    expect(() => fs.ftruncateSync(sealable.value, 0)).toThrow(expect.objectContaining({ code: 'EPERM' }));
+    expect(isSealedAgainstShrinking(plain)).toBe(false); // made without MFD_ALLOW_SEALING: cannot be
+    sealable.close();
+    plain.close();
+  });
+});
