@@ -11,7 +11,7 @@ import * as fs from 'node:fs';
 import * as path from 'node:path';
 import { expect, it } from 'vitest';
 import { NvmeController } from '../lib/devices/nvme/controller';
-import { RamBackend } from '../lib/devices/nvme/backend';
+import { RamBackend } from '../lib/block';
 import { VfioUserServer } from '../lib/server/server';
 import { bootGuest, buildInitramfs, cleanupInterop, describeBoot, interopAvailable, waitForPathScript } from '../test/interop/harness';
 

@@ -4,7 +4,8 @@
  * - `VfioUserServer` + `VfioUserDevice`: serve a device on a UNIX socket (lib/server).
  * - `PciDevice`: a PCI function (config space, BARs, MSI/MSI-X, INTx) to build devices on (lib/pci).
  * - `VfioUserClient` + `PciFunction`: drive any vfio-user device from Node (lib/client).
- * - Devices: `Idio16Device` (ACCES PCI-IDIO-16 GPIO card).
+ * - Devices: `Idio16Device` (ACCES PCI-IDIO-16 GPIO card), `NvmeController`.
+ * - Block backends every storage device shares: `RamBackend`, `FileBackend`, `BlockBackend` (lib/block).
  * - `Connection`: the framed, fd-passing message transport both sides use (lib/transport).
  * - `protocol`: every message's encode/decode pair, constants and errors (lib/protocol).
  * - `native`: the addon's typed face — owned fds, mmap'd memory, eventfds, memfds (lib/native).
@@ -37,6 +38,7 @@ export {
 } from './client';
 export { PciDevice, type PciDeviceOptions, type PciBar } from './pci/device';
 export * as pci from './pci';
+export * from './block';
 export * from './devices';
 export {
   NvmeDriver,

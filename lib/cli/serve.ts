@@ -6,8 +6,8 @@ import * as readline from 'node:readline';
 import * as fs from 'node:fs';
 import { Idio16Device } from '../devices/gpio/idio16';
 import { NvmeController } from '../devices/nvme/controller';
-import { FileBackend, RamBackend, type NvmeBackend } from '../devices/nvme/backend';
-import { VfioUserServer } from '../server/server';
+import { FileBackend, RamBackend, type BlockBackend } from '../block';
+import { VfioUserServer, type ServerOptions } from '../server/server';
 import type { CliCommand } from './main';
 
 const USAGE = `Usage: vfio-user serve <device> SOCKET [options]
@@ -32,9 +32,13 @@ nvme options:
   --trace FILE         append controller events (state changes, admin commands, errors) to FILE
 
 Options:
-  --mode MODE   socket file mode, octal (default 0600)
-  --json        machine-readable output: JSON lines (ready, events, answers)
-  -h, --help    show this help
+  --mode MODE            socket file mode, octal (default 0600)
+  --version-timeout MS   disconnect a client that sends no VERSION within MS ms of being served
+                         (default 10000; 0: no limit)
+  --message-timeout MS   disconnect a client that begins a message and does not finish it within
+                         MS ms (default 5000; 0: no limit)
+  --json                 machine-readable output: JSON lines (ready, events, answers)
+  -h, --help             show this help
 
 gpio control (stdin, one JSON object per line):
   {"inputs": 4660}       set the 16 inputs (interrupts the guest on change if it enabled IRQs)
@@ -47,6 +51,8 @@ export const serveCommand: CliCommand = {
   usage: USAGE,
   options: {
     mode: { type: 'string' },
+    'version-timeout': { type: 'string' },
+    'message-timeout': { type: 'string' },
     json: { type: 'boolean' },
     size: { type: 'string' },
     file: { type: 'string' },
@@ -68,8 +74,18 @@ export const serveCommand: CliCommand = {
       console.error(`vfio-user serve: --mode must be an octal file mode, got '${String(values.mode)}'`);
       return 2;
     }
+    const options: ServerOptions = { mode };
+    try {
+      const versionTimeoutMs = intOption(values, 'version-timeout', 0, 0x7fffffff);
+      const messageTimeoutMs = intOption(values, 'message-timeout', 0, 0x7fffffff);
+      if (versionTimeoutMs !== undefined) options.versionTimeoutMs = versionTimeoutMs;
+      if (messageTimeoutMs !== undefined) options.messageTimeoutMs = messageTimeoutMs;
+    } catch (err) {
+      console.error(`vfio-user serve: ${(err as Error).message}`);
+      return 2;
+    }
     const json = values.json === true;
-    if (device === 'gpio') return serveGpio(path.resolve(socket), mode, json);
+    if (device === 'gpio') return serveGpio(path.resolve(socket), options, json);
     if (device === 'nvme') {
       let controller: NvmeController;
       try {
@@ -78,7 +94,7 @@ export const serveCommand: CliCommand = {
         console.error(`vfio-user serve nvme: ${(err as Error).message}`);
         return 2;
       }
-      return serveNvme(path.resolve(socket), mode, json, controller, values);
+      return serveNvme(path.resolve(socket), options, json, controller, values);
     }
     console.error(`vfio-user serve: unknown device '${device}' (known: gpio, nvme)`);
     return 2;
@@ -89,9 +105,9 @@ function qemuOption(socket: string): string {
   return `-device '${JSON.stringify({ driver: 'vfio-user-pci', socket: { path: socket, type: 'unix' } })}'`;
 }
 
-async function serveGpio(socket: string, mode: number, json: boolean): Promise<number> {
+async function serveGpio(socket: string, options: ServerOptions, json: boolean): Promise<number> {
   const device = new Idio16Device();
-  const server = await VfioUserServer.listen(socket, device, { mode });
+  const server = await VfioUserServer.listen(socket, device, options);
   const say = (obj: Record<string, unknown>, text: string) => console.log(json ? JSON.stringify(obj) : text);
 
   say({ event: 'ready', device: 'gpio', socket, qemu: qemuOption(socket) }, `vfio-user: serving gpio (ACCES PCI-IDIO-16) on ${socket}\nattach with: ${qemuOption(socket)}`);
@@ -161,7 +177,7 @@ function nvmeFromOptions(values: Record<string, string | boolean | undefined>): 
   const queues = intOption(values, 'queues', 1, 64);
   const traceFile = values.trace === undefined ? null : String(values.trace);
   const traceFd = traceFile === null ? null : fs.openSync(traceFile, 'a');
-  let backend: NvmeBackend;
+  let backend: BlockBackend;
   if (values.file !== undefined) {
     backend = FileBackend.open(String(values.file), size === undefined ? {} : { size });
   } else {
@@ -179,8 +195,8 @@ function nvmeFromOptions(values: Record<string, string | boolean | undefined>): 
   });
 }
 
-async function serveNvme(socket: string, mode: number, json: boolean, controller: NvmeController, values: Record<string, unknown>): Promise<number> {
-  const server = await VfioUserServer.listen(socket, controller, { mode });
+async function serveNvme(socket: string, options: ServerOptions, json: boolean, controller: NvmeController, values: Record<string, unknown>): Promise<number> {
+  const server = await VfioUserServer.listen(socket, controller, options);
   const say = (obj: Record<string, unknown>, text: string) => console.log(json ? JSON.stringify(obj) : text);
   const backing = values.file !== undefined ? `file ${String(values.file)}` : 'RAM';
   const size = controller.backend.size;

@@ -5,7 +5,7 @@ import * as fs from 'node:fs';
 import * as path from 'node:path';
 import { afterAll, describe, expect, it } from 'vitest';
 import { NvmeController } from '../../lib/devices/nvme/controller';
-import { FileBackend, RamBackend } from '../../lib/devices/nvme/backend';
+import { FileBackend, RamBackend } from '../../lib/block';
 import { VfioUserServer } from '../../lib/server/server';
 import { bootGuest, buildInitramfs, cleanupInterop, describeBoot, interopAvailable, waitForPathScript } from './harness';
 

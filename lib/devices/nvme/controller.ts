@@ -34,7 +34,7 @@ import { ClassCode, VendorId } from '../../pci/ids';
 import { Errno, PciIrq } from '../../protocol/constants';
 import type { ResetReason } from '../../server/device';
 import { AsyncEvents, ErrorLog, Features, adminCommand, temperatureWarning, type AdminContext } from './admin';
-import type { NvmeBackend } from './backend';
+import type { BlockBackend } from '../../block/backend';
 import { AdminOpcode, AerErrorInfo, AerType, CriticalWarning, LogId, Status, statusCode } from './constants';
 import { DEFAULT_POLL_POLICY, DoorbellPage, DoorbellPoller, type DoorbellMode, type PollPolicy, type PollTarget } from './doorbells';
 import { ioCommand, type IoContext, type IoStats } from './io';
@@ -64,7 +64,7 @@ import { Dlfeat, Oacs, Oncs, VWC_FLUSH_BROADCAST, VWC_PRESENT, type ControllerId
 /** Options of {@link NvmeController}. */
 export interface NvmeControllerOptions {
   /** The namespace's storage; the controller owns it from now on and closes it in {@link NvmeController.close}. */
-  backend: NvmeBackend;
+  backend: BlockBackend;
   /** I/O queue pairs, 1..64 (default 16). MSI-X vectors = queues + 1. */
   queues?: number;
   /** Logical block size (default 512). */
@@ -115,7 +115,7 @@ interface Stats extends IoStats {
 }
 
 export class NvmeController extends PciDevice implements AdminContext, IoContext, PollTarget {
-  readonly backend: NvmeBackend;
+  readonly backend: BlockBackend;
   readonly blockSize: number;
   readonly blockShift: number;
   /** Namespace size in logical blocks. */

@@ -1,12 +1,12 @@
 /**
  * An NVMe controller device model: {@link NvmeController} (a PCIe NVM Express 1.4 I/O controller
- * with one namespace) and the storage it serves, {@link RamBackend} / {@link FileBackend} or any
- * {@link NvmeBackend}.
+ * with one namespace) on any block backend (lib/block: RamBackend, FileBackend, or your own).
  *
  * @packageDocumentation
  */
 export { NvmeController, type NvmeControllerOptions } from './controller';
-export { RamBackend, FileBackend, type NvmeBackend, type FileBackendOptions } from './backend';
+/** The storage behind a namespace: any {@link BlockBackend} (the name this package used first). */
+export type { BlockBackend as NvmeBackend } from '../../block';
 export { DEFAULT_POLL_POLICY, DoorbellPoller, type DoorbellMode, type PollPolicy, type PollPhase } from './doorbells';
 export { AdminOpcode, IoOpcode, Status, FeatureId, LogId, Cns, Sct, DNR, status, statusCode } from './constants';
 export * as registers from './registers';

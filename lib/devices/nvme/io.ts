@@ -12,7 +12,7 @@
  * @packageDocumentation
  */
 import { DmaError, type DmaSpace } from '../../server/dma';
-import type { NvmeBackend } from './backend';
+import type { BlockBackend } from '../../block/backend';
 import { IoOpcode, NSID_ALL, Status } from './constants';
 import { copyFromGuest, copyFromGuestSync, mapPrp } from './prp';
 import type { HandlerResult, Request } from './request';
@@ -48,7 +48,7 @@ export interface IoStats {
 /** What I/O commands need from the controller. */
 export interface IoContext {
   readonly dma: DmaSpace;
-  readonly backend: NvmeBackend;
+  readonly backend: BlockBackend;
   readonly pageSize: number;
   /** MDTS in bytes (Infinity: unlimited). */
   readonly maxTransfer: number;
@@ -276,13 +276,13 @@ function mediaError(ctx: IoContext, req: Request, err: unknown, write: boolean):
   return write ? Status.WRITE_FAULT : Status.READ_ERROR;
 }
 
-function readv(backend: NvmeBackend, offset: number, bufs: readonly Buffer[]): Promise<void> {
+function readv(backend: BlockBackend, offset: number, bufs: readonly Buffer[]): Promise<void> {
   if (bufs.length === 1) return backend.read(offset, bufs[0]!);
   if (backend.readv) return backend.readv(offset, bufs);
   return sequential(bufs, offset, (at, b) => backend.read(at, b));
 }
 
-function writev(backend: NvmeBackend, offset: number, bufs: readonly Buffer[], fua: boolean): Promise<void> {
+function writev(backend: BlockBackend, offset: number, bufs: readonly Buffer[], fua: boolean): Promise<void> {
   if (bufs.length === 1) return backend.write(offset, bufs[0]!, fua);
   if (backend.writev) return backend.writev(offset, bufs, fua);
   return sequential(bufs, offset, (at, b) => backend.write(at, b, fua));
@@ -321,7 +321,7 @@ async function bounceWrite(ctx: IoContext, req: Request, offset: number, bytes: 
 const ZERO_CHUNK = 1 << 20;
 let zeroes: Buffer | null = null;
 
-async function zeroByWrites(backend: NvmeBackend, offset: number, length: number, fua: boolean): Promise<void> {
+async function zeroByWrites(backend: BlockBackend, offset: number, length: number, fua: boolean): Promise<void> {
   zeroes ??= Buffer.alloc(ZERO_CHUNK);
   for (let done = 0; done < length; done += ZERO_CHUNK) {
     const n = Math.min(ZERO_CHUNK, length - done);

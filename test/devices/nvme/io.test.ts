@@ -2,7 +2,7 @@
 // and depths, flush, deallocate, write zeroes, compare, FUA, backend failures and the DMA rules.
 import { createHash } from 'node:crypto';
 import { afterEach, describe, expect, it } from 'vitest';
-import { RamBackend } from '../../../lib/devices/nvme/backend';
+import { RamBackend } from '../../../lib/block';
 import { AdminOpcode, FeatureId, IoOpcode, Status } from '../../../lib/devices/nvme/constants';
 import { createMemfd } from '../../../lib/native/memfd';
 import { Mapping } from '../../../lib/native/mapping';

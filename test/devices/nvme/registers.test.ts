@@ -1,7 +1,7 @@
 // BAR0 registers and the controller state machine, driven through region accesses only.
 import { afterEach, describe, expect, it } from 'vitest';
 import { NvmeController } from '../../../lib/devices/nvme/controller';
-import { RamBackend } from '../../../lib/devices/nvme/backend';
+import { RamBackend } from '../../../lib/block';
 import { AdminOpcode, Status } from '../../../lib/devices/nvme/constants';
 import { Cc, Csts, Reg, cqHeadDoorbell, sqTailDoorbell } from '../../../lib/devices/nvme/registers';
 import { PciRegion } from '../../../lib/protocol/constants';

@@ -13,7 +13,7 @@ import { DmaMapFlags, IrqSetFlags, PciIrq, PciRegion } from '../../../lib/protoc
 import { DmaSpace } from '../../../lib/server/dma';
 import { IrqTable } from '../../../lib/server/irq';
 import { NvmeController, type NvmeControllerOptions } from '../../../lib/devices/nvme/controller';
-import { RamBackend, type NvmeBackend } from '../../../lib/devices/nvme/backend';
+import { RamBackend, type BlockBackend } from '../../../lib/block';
 import { AdminOpcode } from '../../../lib/devices/nvme/constants';
 import { Reg, cqHeadDoorbell, sqTailDoorbell } from '../../../lib/devices/nvme/registers';
 
@@ -427,7 +427,7 @@ export function pattern(length: number, seed: number): Buffer {
 }
 
 /** A backend that delegates to `inner` except for the methods in `overrides` (slow, failing...). */
-export function wrapBackend(inner: NvmeBackend, overrides: Partial<NvmeBackend>): NvmeBackend {
+export function wrapBackend(inner: BlockBackend, overrides: Partial<BlockBackend>): BlockBackend {
   return {
     get size() {
       return inner.size;

@@ -3,7 +3,7 @@
 // through the mmap'd doorbell page the region info offers, DEVICE_RESET and disconnect.
 import { afterEach, describe, expect, it } from 'vitest';
 import { NvmeController } from '../../../lib/devices/nvme/controller';
-import { RamBackend } from '../../../lib/devices/nvme/backend';
+import { RamBackend } from '../../../lib/block';
 import { AdminOpcode, IoOpcode } from '../../../lib/devices/nvme/constants';
 import { Reg } from '../../../lib/devices/nvme/registers';
 import { binding } from '../../../lib/native/binding';

@@ -4,7 +4,8 @@
  * also behind hardware-like BAR decoding (test/client/hardware.ts), as servers that model real
  * PCI serve it.
  */
-import { NvmeController, RamBackend, type NvmeControllerOptions } from '../../../lib/devices/nvme';
+import { NvmeController, type NvmeControllerOptions } from '../../../lib/devices/nvme';
+import { RamBackend } from '../../../lib/block';
 import type { VfioUserDevice } from '../../../lib/server/device';
 import { startServer } from '../../helpers/server';
 import { HardwareDecode } from '../../client/hardware';

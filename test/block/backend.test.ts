@@ -4,11 +4,11 @@ import * as fs from 'node:fs';
 import * as os from 'node:os';
 import * as path from 'node:path';
 import { afterEach, beforeEach, describe, expect, it } from 'vitest';
-import { FileBackend, RamBackend } from '../../../lib/devices/nvme/backend';
-import { IoOpcode } from '../../../lib/devices/nvme/constants';
-import { IdNs } from '../../../lib/devices/nvme/structs';
-import { PAGE, Rig, pattern } from './rig';
-import { useFdLeakCheck } from '../../helpers/fds';
+import { FileBackend, RamBackend } from '../../lib/block';
+import { IoOpcode } from '../../lib/devices/nvme/constants';
+import { IdNs } from '../../lib/devices/nvme/structs';
+import { PAGE, Rig, pattern } from '../devices/nvme/rig';
+import { useFdLeakCheck } from '../helpers/fds';
 
 
 useFdLeakCheck();
