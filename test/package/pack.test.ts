@@ -47,6 +47,13 @@ describe('npm pack + install with no compiler', () => {
     expect(packedFiles.some((f) => f.startsWith('test/') || f.startsWith('lib/'))).toBe(false);
   });
 
+  it('ships what the README points to (LICENSE, docs/, examples/) and no source maps of unshipped sources', () => {
+    expect(packedFiles).toContain('LICENSE');
+    expect(packedFiles).toContain('docs/architecture.md');
+    expect(packedFiles.some((f) => f.startsWith('examples/'))).toBe(true);
+    expect(packedFiles.filter((f) => f.endsWith('.map'))).toEqual([]);
+  });
+
   it('installs into an empty project without a compiler and loads the prebuilt addon (require and import)', () => {
     const app = path.join(tmp, 'app');
     const fakeBin = path.join(tmp, 'no-compiler');
