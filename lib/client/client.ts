@@ -29,7 +29,7 @@ import { ProtocolError, VfioUserError } from '../protocol/errors';
 import { negotiate, withDefaults, type Capabilities, type CapabilitiesInput, type Negotiated } from '../protocol/capabilities';
 import { decodeVersionReply, encodeVersionRequest, type VersionMessage } from '../protocol/messages/version';
 import { decodeDeviceInfoReply, encodeDeviceInfoRequest } from '../protocol/messages/device';
-import { decodeRegionInfoReply, encodeRegionInfoRequest } from '../protocol/messages/region';
+import { decodeRegionInfoReply, decodeRegionIoFdsReply, encodeRegionInfoRequest, encodeRegionIoFdsRequest } from '../protocol/messages/region';
 import { decodeIrqInfoReply, encodeIrqInfoRequest } from '../protocol/messages/irq';
 import {
   AccessKind,
@@ -41,8 +41,9 @@ import {
 } from '../protocol/messages/access';
 import { decodeDeviceResetReply } from '../protocol/messages/reset';
 import { Connection, type Body, type IncomingMessage } from '../transport/connection';
-import { DmaMemory, DmaTable, type DmaMapOptions } from './dma';
-import { IrqChannels, MAX_IRQ_VECTORS, irqIndexInfo, type IrqEvent, type IrqIndexInfo } from './irqs';
+import { DmaMemory, DmaTable, type DmaFdOptions, type DmaMapOptions } from './dma';
+import { IrqChannels, MAX_IRQ_VECTORS, irqIndexInfo, type IrqEvent, type IrqIndexInfo, type IrqSelection } from './irqs';
+import { RegionIoFds, buildRegionIoFds } from './iofds';
 import { MappedRegion, buildRegionRecord, mapRegionAreas, releaseRegionRecord, type RegionInfo, type RegionRecord } from './regions';
 
 const debug = debuglog('vfio-user:client');
@@ -191,6 +192,8 @@ export class VfioUserClient extends EventEmitter<VfioUserClientEvents> {
   #regions: RegionRecord[] = [];
   #irqs: IrqChannels | null = null;
   readonly #dma: DmaTable;
+  /** Per region: the ioeventfds writes go through ({@link VfioUserClient.useIoEventfds}). */
+  #ioFds: (RegionIoFds | undefined)[] = [];
   /** Per BAR 0-5: the BAR register says memory space (posted writes allowed). */
   readonly #barIsMemory: boolean[] = [false, false, false, false, false, false];
   #postingAllowed = false;
@@ -398,6 +401,8 @@ export class VfioUserClient extends EventEmitter<VfioUserClientEvents> {
   async write(index: number, offset: number | bigint, data: Uint8Array, options: WriteOptions & CallOptions = {}): Promise<void> {
     if (!(data instanceof Uint8Array)) throw new TypeError('Expected third argument to be a Uint8Array');
     const start = this.#checkAccess(index, offset, data.length);
+    const io = this.#ioFds[index];
+    if (io !== undefined && io.tryWrite(start, data)) return;
     const posted = (options.posted ?? true) && this.#canPost(index) && data.length > 0;
     const chunk = Math.min(this.#chunkOption, this.negotiated.maxDataXferSize);
     if (posted) {
@@ -469,6 +474,68 @@ export class VfioUserClient extends EventEmitter<VfioUserClientEvents> {
     return mapRegionAreas(record);
   }
 
+  // ---- ioeventfds ----
+
+  /**
+   * `DEVICE_GET_REGION_IO_FDS` for region `index`, with the two-step `argsz` exchange: what the
+   * server offers for notifications without messages, checked (see `iofds.ts`). The caller owns
+   * the result: close it when done. Most servers offer nothing (an empty set).
+   *
+   * @throws {VfioUserError} if the server refuses (libvfio-user: EINVAL for a region without).
+   * @throws {ProtocolError} for a reply that does not hold together (its fds are closed).
+   */
+  async queryRegionIoFds(index: number, options: CallOptions = {}): Promise<RegionIoFds> {
+    const region = this.#record(index).info;
+    let argsz: number = 16;
+    for (let attempt = 0; attempt < 2; attempt++) {
+      const asked = argsz;
+      const { reply, fds } = await this.#call(
+        Command.DEVICE_GET_REGION_IO_FDS,
+        encodeRegionIoFdsRequest({ index, argsz: asked }),
+        (msg) => {
+          if (msg.payloadLength > asked) {
+            throw protocolError(`DEVICE_GET_REGION_IO_FDS reply: ${String(msg.payloadLength)} bytes exceed the argsz ${String(asked)} asked for`, 'argsz');
+          }
+          return { reply: decodeRegionIoFdsReply(msg.payload), fds: msg.takeAllFds() };
+        },
+        { allowFds: true, timeoutMs: options.timeoutMs },
+      );
+      if (!reply.truncated) return buildRegionIoFds(index, region.size, reply, fds);
+      Fd.closeAll(fds);
+      if (reply.argsz <= asked || reply.argsz > ClientLimits.MAX_REGION_INFO_ARGSZ) {
+        throw protocolError(`DEVICE_GET_REGION_IO_FDS reply: argsz ${String(reply.argsz)} after asking for ${String(asked)}`, 'argsz');
+      }
+      argsz = reply.argsz;
+    }
+    throw protocolError(`DEVICE_GET_REGION_IO_FDS: region ${String(index)} still truncated at argsz ${String(argsz)}`, 'argsz');
+  }
+
+  /**
+   * Queries region `index`'s ioeventfds ({@link VfioUserClient.queryRegionIoFds}) and routes
+   * writes they stand for through them from now on: such a write (exact offset and width, the
+   * datamatch value if required) signals the eventfd (storing the value into shadow memory first
+   * for libvfio-user's shadow ioeventfds) instead of sending `REGION_WRITE`, as KVM turns a guest's
+   * doorbell store into an eventfd signal. Like a posted write, it is not ordered against writes
+   * still queued for the socket. Returns the set (owned by the client, closed by
+   * {@link VfioUserClient.stopIoEventfds} or close); replaces an earlier one.
+   */
+  async useIoEventfds(index: number, options: CallOptions = {}): Promise<RegionIoFds> {
+    const set = await this.queryRegionIoFds(index, options);
+    if (this.#state === 'closed') {
+      set.close();
+      throw new VfioUserError(Errno.ECONNRESET, Command.DEVICE_GET_REGION_IO_FDS, 0, 'the client closed');
+    }
+    this.#ioFds[index]?.close();
+    this.#ioFds[index] = set;
+    return set;
+  }
+
+  /** Stops routing writes of region `index` through ioeventfds and closes them. */
+  stopIoEventfds(index: number): void {
+    this.#ioFds[index]?.close();
+    this.#ioFds[index] = undefined;
+  }
+
   // ---- DMA ----
 
   /**
@@ -495,6 +562,32 @@ export class VfioUserClient extends EventEmitter<VfioUserClientEvents> {
     return this.#dma.mapBuffer(buffer, options);
   }
 
+  /**
+   * Grants `size` bytes of the caller's file `fd` from `options.fileOffset` (a memfd, a /dev/shm
+   * or hugetlbfs file: any fd the server can mmap) with `DMA_MAP` and the fd, as QEMU grants guest
+   * RAM and ROM. The range is mapped here too (read-only when `readOnly`), for `bytes` and to
+   * serve the server's `DMA_READ`/`DMA_WRITE`. The fd stays the caller's: the client neither
+   * keeps nor closes it. Whoever can truncate the file can make accesses to the mapping fault:
+   * seal it (F_SEAL_SHRINK) when that matters.
+   *
+   * @throws {RangeError} for a size or offset that is not page-aligned, a range past the end of
+   * the file, a bad iova or an overlap; the mmap error for an fd that cannot be mapped so.
+   * @throws {VfioUserError} if the server refuses the map.
+   */
+  mapFd(fd: Fd | number, size: number, options: DmaFdOptions = {}): Promise<DmaMemory> {
+    this.#assertOpen();
+    return this.#dma.mapFd(fd, size, options);
+  }
+
+  /**
+   * Withdraws every DMA range at once (`DMA_UNMAP` with the ALL flag, as a VMM does on reset).
+   * Every range is released here whatever the server answers; its error is then reported.
+   */
+  unmapAllDma(): Promise<void> {
+    this.#assertOpen();
+    return this.#dma.unmapAll();
+  }
+
   // ---- interrupts ----
 
   /**
@@ -513,16 +606,28 @@ export class VfioUserClient extends EventEmitter<VfioUserClientEvents> {
     return this.irqs.disable(index);
   }
 
-  /** Masks vectors `[start, start + count)` of `index` (NONE | MASK). */
-  maskIrqs(index: number, start = 0, count = 1): Promise<void> {
+  /**
+   * Masks vectors of `index` from `start`: `[start, start + count)` (NONE | MASK), or with an
+   * array of booleans the vectors whose entry is true (BOOL | MASK).
+   */
+  maskIrqs(index: number, start = 0, select: IrqSelection = 1): Promise<void> {
     this.#assertOpen();
-    return this.irqs.setMasked(index, true, start, count);
+    return this.irqs.setMasked(index, true, start, select);
   }
 
-  /** Unmasks vectors `[start, start + count)` of `index` (NONE | UNMASK). */
-  unmaskIrqs(index: number, start = 0, count = 1): Promise<void> {
+  /** Unmasks vectors of `index` from `start`, as {@link VfioUserClient.maskIrqs} masks them. */
+  unmaskIrqs(index: number, start = 0, select: IrqSelection = 1): Promise<void> {
     this.#assertOpen();
-    return this.irqs.setMasked(index, false, start, count);
+    return this.irqs.setMasked(index, false, start, select);
+  }
+
+  /**
+   * Asks the server to fire vectors of `index` itself (a software trigger): `[start, start + count)`
+   * (NONE | TRIGGER), or the vectors whose entry is true (BOOL | TRIGGER).
+   */
+  triggerIrqs(index: number, start = 0, select: IrqSelection = 1): Promise<void> {
+    this.#assertOpen();
+    return this.irqs.trigger(index, start, select);
   }
 
   /** Resolves with the next interrupt of `index` (and `vector`); see {@link IrqChannels.wait}. */
@@ -923,6 +1028,8 @@ export class VfioUserClient extends EventEmitter<VfioUserClientEvents> {
     this.#conn.close(error);
     this.#twin?.close(error);
     this.#irqs?.closeAll();
+    for (const io of this.#ioFds) io?.close();
+    this.#ioFds = [];
     for (const r of this.#regions) releaseRegionRecord(r);
     this.#dma.releaseAll();
     this.emit('close', error);

@@ -2,10 +2,13 @@
  * Guest memory on the client side (reference §3.2, §3.3, §3.11, §3.12, §6.4).
  *
  * The client owns the memory a device may reach by DMA. Each range it grants is a
- * {@link DmaMemory}: either a memfd mapped here and handed to the server with `DMA_MAP` (the server
- * mmaps the same pages: zero-copy both ways), or a plain Buffer granted without an fd, which the
- * server reaches with `DMA_READ`/`DMA_WRITE` messages that this module answers. Per the spec the
- * client answers those messages for fd-backed ranges too.
+ * {@link DmaMemory}: a memfd the client creates, sized and sealed against shrinking and growing,
+ * mapped here and handed to the server with `DMA_MAP` (the server mmaps the same pages: zero-copy
+ * both ways); a caller's fd (a memfd, a /dev/shm or hugetlbfs file) at an offset, mapped and
+ * handed over the same way; or a plain Buffer granted without an fd, which the server reaches with
+ * `DMA_READ`/`DMA_WRITE` messages that this module answers. Per the spec the client answers those
+ * messages for fd-backed ranges too. `DMA_UNMAP` withdraws one range, or every range at once with
+ * the ALL flag.
  *
  * Server commands are checked before any byte is touched: no fds, `count` within the
  * `max_data_xfer_size` we announced (E2BIG), the whole range inside one granted range (EFAULT), the
@@ -18,7 +21,7 @@ import { binding } from '../native/binding';
 import { Fd } from '../native/fd';
 import { Mapping } from '../native/mapping';
 import { createMemfd } from '../native/memfd';
-import { Command, DmaMapFlags, Errno } from '../protocol/constants';
+import { Command, DmaMapFlags, DmaUnmapFlags, Errno } from '../protocol/constants';
 import { ProtocolError } from '../protocol/errors';
 import { encodeDmaMapRequest, encodeDmaUnmapRequest, decodeDmaUnmapReply, decodeDmaMapReply } from '../protocol/messages/dma';
 import { AccessKind, createDmaAccess, readDmaAccess, writeDmaAccess } from '../protocol/messages/access';
@@ -40,6 +43,15 @@ export interface DmaMapOptions {
   readOnly?: boolean;
   /** Name of the memfd, shown in /proc (allocateDma only). */
   name?: string;
+}
+
+/** Options of {@link VfioUserClient.mapFd}. */
+export interface DmaFdOptions extends Omit<DmaMapOptions, 'name'> {
+  /**
+   * Where the range starts in the file (DMA_MAP `offset`): a multiple of the server's page size
+   * and of the file's own page size (hugetlbfs). Default 0.
+   */
+  fileOffset?: number | bigint;
 }
 
 /** @internal What the DMA table needs from the client. */
@@ -74,6 +86,8 @@ export class DmaMemory {
   readonly flags: number;
   /** True if the memory was handed to the server as an fd (zero-copy), false for message-only. */
   readonly shared: boolean;
+  /** Offset of the range in the fd it was granted with (0 for memory the client allocated). */
+  readonly fileOffset: bigint;
   /** @internal */
   state: DmaMemoryState = 'mapping';
   /** @internal */
@@ -84,7 +98,7 @@ export class DmaMemory {
   readonly #table: DmaTable;
 
   /** @internal Created by the client only. */
-  constructor(table: DmaTable, iova: number, size: number, flags: number, mapping: Mapping | null, buffer: Buffer | null) {
+  constructor(table: DmaTable, iova: number, size: number, flags: number, mapping: Mapping | null, buffer: Buffer | null, fileOffset = 0n) {
     this.#table = table;
     this.iova = iova;
     this.size = size;
@@ -92,9 +106,13 @@ export class DmaMemory {
     this.mapping = mapping;
     this.#buffer = buffer;
     this.shared = mapping !== null;
+    this.fileOffset = fileOffset;
   }
 
-  /** The memory (zero-copy). Throws once an fd-backed range is unmapped. */
+  /**
+   * The memory (zero-copy). Throws once an fd-backed range is unmapped. A read-only range of a
+   * caller's fd ({@link VfioUserClient.mapFd}) is mapped read-only here too: writing it throws.
+   */
   get bytes(): Buffer {
     if (this.mapping !== null) return this.mapping.bytes;
     return this.#buffer!;
@@ -153,7 +171,9 @@ export class DmaTable {
     if (this.core.maxSendFds < 1) throw new RangeError('the server accepts no file descriptors (max_msg_fds 0): use mapWithoutFd');
     const length = roundUp(size, this.core.pageSize);
     const iova = this.#place(length, options.iova);
-    const fd = createMemfd(options.name ?? `vfio-user-dma-${iova.toString(16)}`, length);
+    // Sealed against shrinking and growing: the server's mapping can never lose its pages, and
+    // a server that checks seals (QEMU's memory-backend-memfd sets them too) can rely on it.
+    const fd = createMemfd(options.name ?? `vfio-user-dma-${iova.toString(16)}`, length, { sealSize: true });
     let mapping: Mapping;
     try {
       mapping = Mapping.map(fd, 0, length, binding.constants.PROT_READ | binding.constants.PROT_WRITE);
@@ -182,6 +202,56 @@ export class DmaTable {
     const mem = new DmaMemory(this, iova, buffer.length, flags, null, buffer);
     await this.#grant(mem, null);
     return mem;
+  }
+
+  async mapFd(fd: Fd | number, size: number, options: DmaFdOptions = {}): Promise<DmaMemory> {
+    const raw = fd instanceof Fd ? fd.value : fd;
+    if (!Number.isSafeInteger(raw) || raw < 0) throw new TypeError('Expected first argument to be an fd (an Fd or an integer >= 0)');
+    if (this.core.maxSendFds < 1) throw new RangeError('the server accepts no file descriptors (max_msg_fds 0): use mapWithoutFd');
+    const page = this.core.pageSize;
+    if (!Number.isSafeInteger(size) || size < 1 || size % page !== 0) {
+      throw new RangeError(`Expected the size to be a non-zero multiple of the ${String(page)}-byte page size, got ${String(size)}`);
+    }
+    const at = options.fileOffset ?? 0;
+    if ((typeof at !== 'number' && typeof at !== 'bigint') || (typeof at === 'number' && !Number.isSafeInteger(at)) || at < 0 || BigInt(at) % BigInt(page) !== 0n) {
+      throw new RangeError(`Expected fileOffset to be a multiple of the ${String(page)}-byte page size (>= 0), got ${String(at)}`);
+    }
+    const fileOffset = BigInt(at);
+    const iova = this.#place(size, options.iova);
+    const prot = binding.constants.PROT_READ | (options.readOnly ? 0 : binding.constants.PROT_WRITE);
+    // Throws for a range past the end of the file, or an fd that cannot be mapped so.
+    const mapping = Mapping.map(raw, fileOffset, size, prot);
+    const flags = DmaMapFlags.READ | (options.readOnly ? 0 : DmaMapFlags.WRITE);
+    const mem = new DmaMemory(this, iova, size, flags, mapping, null, fileOffset);
+    await this.#grant(mem, raw);
+    return mem;
+  }
+
+  /**
+   * `DMA_UNMAP` with the ALL flag: the server drops every map at once; every range of this table
+   * is released locally whatever the server answers (as {@link DmaMemory.unmap} does).
+   */
+  async unmapAll(): Promise<void> {
+    const all = [...this.#entries];
+    for (const mem of all) mem.state = 'unmapping';
+    const done = (async () => {
+      try {
+        const payload = await this.core.call(Command.DMA_UNMAP, encodeDmaUnmapRequest({ flags: DmaUnmapFlags.ALL, address: 0n, size: 0n }), null);
+        if (payload.length > 0) {
+          const echo = decodeDmaUnmapReply(payload);
+          if (echo.address !== 0n || echo.size !== 0n) {
+            throw new ProtocolError('DMA_UNMAP reply: does not echo the ALL request', { field: 'flags', errno: Errno.EPROTO });
+          }
+        }
+      } finally {
+        for (const mem of all) {
+          this.#remove(mem);
+          this.#release(mem);
+        }
+      }
+    })();
+    for (const mem of all) mem.unmapping ??= done;
+    await done;
   }
 
   unmap(mem: DmaMemory): Promise<void> {
@@ -298,11 +368,11 @@ export class DmaTable {
     return iova;
   }
 
-  async #grant(mem: DmaMemory, fd: Fd | null): Promise<void> {
+  async #grant(mem: DmaMemory, fd: Fd | number | null): Promise<void> {
     this.#insert(mem);
-    const body = encodeDmaMapRequest({ flags: mem.flags, offset: 0n, address: BigInt(mem.iova), size: BigInt(mem.size) });
+    const body = encodeDmaMapRequest({ flags: mem.flags, offset: mem.fileOffset, address: BigInt(mem.iova), size: BigInt(mem.size) });
     try {
-      const payload = await this.core.call(Command.DMA_MAP, body, fd === null ? null : [fd.value]);
+      const payload = await this.core.call(Command.DMA_MAP, body, fd === null ? null : [fd instanceof Fd ? fd.value : fd]);
       decodeDmaMapReply(payload);
     } catch (err) {
       this.#remove(mem);

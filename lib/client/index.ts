@@ -12,9 +12,10 @@ export {
   type VfioUserClientEvents,
   type WriteOptions,
 } from './client';
-export { DmaMemory, type DmaMapOptions, type DmaMemoryState } from './dma';
-export { IrqChannels, MAX_IRQ_VECTORS, type IrqEvent, type IrqEventsOptions, type IrqIndexInfo } from './irqs';
+export { DmaMemory, type DmaFdOptions, type DmaMapOptions, type DmaMemoryState } from './dma';
+export { IrqChannels, MAX_IRQ_VECTORS, type IrqAction, type IrqEvent, type IrqEventsOptions, type IrqIndexInfo, type IrqSelection } from './irqs';
 export { MappedRegion, type MappedArea, type RegionArea, type RegionInfo } from './regions';
+export { RegionIoFds, type RegionIoFd } from './iofds';
 export {
   PciFunction,
   DEFAULT_BAR_WINDOWS,

@@ -5,8 +5,11 @@
  * server with `DEVICE_SET_IRQS` (DATA_EVENTFD | ACTION_TRIGGER), several messages when there are
  * more vectors than the server's `max_msg_fds`. The server interrupts by signalling that eventfd;
  * a watcher here drains it and reports `{ index, vector, count }` (`count` > 1 when signals
- * collapsed before we read). Masking, unmasking and client-side triggering are plain
- * `DEVICE_SET_IRQS` actions with DATA_NONE; disabling an index is `count` 0 with NONE | TRIGGER.
+ * collapsed before we read). Masking, unmasking and software triggering are `DEVICE_SET_IRQS`
+ * actions with DATA_NONE (every vector of the range) or DATA_BOOL (one byte per vector: only the
+ * vectors whose byte is 1); disabling an index is `count` 0 with NONE | TRIGGER. MASK and UNMASK
+ * also take eventfds (DATA_EVENTFD): the client signals them instead of sending a message, as KVM's
+ * resampler signals the INTx resample (unmask) fd on end of interrupt.
  *
  * @packageDocumentation
  */
@@ -54,6 +57,12 @@ export interface IrqCore {
 
 type Subscriber = (event: IrqEvent) => void;
 
+/** The action an eventfd of {@link IrqChannels.setActionEventfds} stands for. */
+export type IrqAction = 'mask' | 'unmask';
+
+/** Vectors a range applies to: a count (DATA_NONE), or one boolean per vector (DATA_BOOL). */
+export type IrqSelection = number | readonly boolean[];
+
 /** Largest vector count any PCI index can have (MSI-X: 2048); larger claims are not believed. */
 export const MAX_IRQ_VECTORS = 2048;
 
@@ -64,6 +73,7 @@ export const MAX_IRQ_VECTORS = 2048;
 export class IrqChannels {
   readonly #infos: readonly IrqIndexInfo[];
   readonly #fds: (EventFd | null)[][];
+  readonly #actionFds: Record<IrqAction, (EventFd | null)[][]>;
   readonly #counts: number[][];
   readonly #subscribers = new Set<Subscriber>();
   readonly #enders = new Set<() => void>();
@@ -76,6 +86,10 @@ export class IrqChannels {
   ) {
     this.#infos = infos;
     this.#fds = infos.map((i) => new Array<EventFd | null>(i.count).fill(null));
+    this.#actionFds = {
+      mask: infos.map((i) => new Array<EventFd | null>(i.count).fill(null)),
+      unmask: infos.map((i) => new Array<EventFd | null>(i.count).fill(null)),
+    };
     this.#counts = infos.map((i) => new Array<number>(i.count).fill(0));
   }
 
@@ -168,18 +182,83 @@ export class IrqChannels {
     }
   }
 
-  /** SET_IRQS NONE | MASK (or UNMASK) for `[start, start + count)` of `index`. */
-  async setMasked(index: number, masked: boolean, start = 0, count = 1): Promise<void> {
-    this.#checkRange(index, start, count, 1);
-    const flags = IrqSetFlags.DATA_NONE | (masked ? IrqSetFlags.ACTION_MASK : IrqSetFlags.ACTION_UNMASK);
-    await this.core.call(Command.DEVICE_SET_IRQS, encodeSetIrqsRequest({ flags, index, start, count }), null).then(checkEmpty);
+  /**
+   * SET_IRQS MASK (or UNMASK) from vector `start`: with a count, DATA_NONE for
+   * `[start, start + count)`; with an array of booleans, DATA_BOOL for `[start, start + length)`,
+   * affecting only the vectors whose entry is true.
+   */
+  async setMasked(index: number, masked: boolean, start = 0, select: IrqSelection = 1): Promise<void> {
+    const action = masked ? IrqSetFlags.ACTION_MASK : IrqSetFlags.ACTION_UNMASK;
+    await this.core.call(Command.DEVICE_SET_IRQS, this.#selectBody(index, action, start, select), null).then(checkEmpty);
   }
 
-  /** SET_IRQS NONE | TRIGGER with `count` >= 1: asks the server to fire the vectors itself. */
-  async trigger(index: number, start = 0, count = 1): Promise<void> {
+  /**
+   * SET_IRQS TRIGGER without eventfds (a software trigger: the server fires the vectors itself),
+   * with DATA_NONE for `[start, start + count)` or DATA_BOOL for the vectors whose entry is true.
+   */
+  async trigger(index: number, start = 0, select: IrqSelection = 1): Promise<void> {
+    await this.core.call(Command.DEVICE_SET_IRQS, this.#selectBody(index, IrqSetFlags.ACTION_TRIGGER, start, select), null).then(checkEmpty);
+  }
+
+  /**
+   * Gives vectors `[start, start + count)` of `index` fresh eventfds for the MASK or UNMASK action
+   * (SET_IRQS EVENTFD | MASK/UNMASK), replacing any they had, and returns them in vector order:
+   * signalling one masks (or unmasks) its vector without a message, e.g. the INTx resample fd
+   * (`'unmask'`, index 0) signalled on end of interrupt. The client owns them: they are closed by
+   * {@link IrqChannels.clearActionEventfds} or when the client closes; do not close them yourself.
+   *
+   * @throws {RangeError} for an index or range the server did not report, or a server that
+   * accepts fewer fds than `count` per message.
+   * @throws {VfioUserError} if the server refuses (the vectors are then left without such eventfds).
+   */
+  async setActionEventfds(index: number, action: IrqAction, start = 0, count = 1): Promise<EventFd[]> {
     this.#checkRange(index, start, count, 1);
-    const flags = IrqSetFlags.DATA_NONE | IrqSetFlags.ACTION_TRIGGER;
-    await this.core.call(Command.DEVICE_SET_IRQS, encodeSetIrqsRequest({ flags, index, start, count }), null).then(checkEmpty);
+    const flag = actionFlag(action);
+    if (this.core.maxSendFds < count) {
+      throw new RangeError(`the server accepts ${String(this.core.maxSendFds)} fds per message; ${String(count)} ${action} eventfds do not fit`);
+    }
+    const fresh: EventFd[] = [];
+    try {
+      for (let i = 0; i < count; i++) fresh.push(EventFd.create());
+    } catch (err) {
+      for (const e of fresh) e.close();
+      throw err;
+    }
+    const table = this.#actionFds[action][index]!;
+    const body = encodeSetIrqsRequest({ flags: IrqSetFlags.DATA_EVENTFD | flag, index, start, count });
+    try {
+      await this.core.call(Command.DEVICE_SET_IRQS, body, fresh.map((e) => e.fd.value)).then(checkEmpty);
+    } catch (err) {
+      for (const e of fresh) e.close();
+      for (let v = start; v < start + count; v++) this.#replace(table, v, null);
+      throw err;
+    }
+    if (this.#closed) {
+      for (const e of fresh) e.close();
+      return [];
+    }
+    fresh.forEach((efd, i) => this.#replace(table, start + i, efd));
+    return fresh;
+  }
+
+  /**
+   * Withdraws the MASK or UNMASK eventfds of `[start, start + count)` (SET_IRQS EVENTFD with no
+   * fds) and closes ours, whatever the server answers.
+   */
+  async clearActionEventfds(index: number, action: IrqAction, start = 0, count = 1): Promise<void> {
+    this.#checkRange(index, start, count, 1);
+    const body = encodeSetIrqsRequest({ flags: IrqSetFlags.DATA_EVENTFD | actionFlag(action), index, start, count });
+    try {
+      await this.core.call(Command.DEVICE_SET_IRQS, body, null).then(checkEmpty);
+    } finally {
+      const table = this.#actionFds[action][index]!;
+      for (let v = start; v < start + count; v++) this.#replace(table, v, null);
+    }
+  }
+
+  /** The MASK or UNMASK eventfd of a vector (from {@link IrqChannels.setActionEventfds}), or null. */
+  actionEventfd(index: number, action: IrqAction, vector: number): EventFd | null {
+    return this.#actionFds[action][index]?.[vector] ?? null;
   }
 
   /**
@@ -270,7 +349,7 @@ export class IrqChannels {
   /** @internal Closes every eventfd and ends every iterator. */
   closeAll(): void {
     this.#closed = true;
-    for (const table of this.#fds) for (let v = 0; v < table.length; v++) this.#replace(table, v, null);
+    for (const table of [...this.#fds, ...this.#actionFds.mask, ...this.#actionFds.unmask]) for (let v = 0; v < table.length; v++) this.#replace(table, v, null);
     for (const end of [...this.#enders]) end();
   }
 
@@ -291,6 +370,20 @@ export class IrqChannels {
     table[vector] = efd;
   }
 
+  /** A SET_IRQS body for `action` over a count (DATA_NONE) or a boolean per vector (DATA_BOOL). */
+  #selectBody(index: number, action: number, start: number, select: IrqSelection): Buffer {
+    if (typeof select === 'number') {
+      this.#checkRange(index, start, select, 1);
+      return encodeSetIrqsRequest({ flags: IrqSetFlags.DATA_NONE | action, index, start, count: select });
+    }
+    if (!Array.isArray(select) || !select.every((b) => typeof b === 'boolean')) {
+      throw new TypeError('Expected the vectors to be a count or an array of booleans');
+    }
+    this.#checkRange(index, start, select.length, 1);
+    const data = Uint8Array.from(select, (b) => (b ? 1 : 0));
+    return encodeSetIrqsRequest({ flags: IrqSetFlags.DATA_BOOL | action, index, start, count: select.length, data });
+  }
+
   #checkRange(index: number, start: number, count: number, minCount: number): void {
     const info = this.#infos[index];
     if (!Number.isInteger(index) || info === undefined) {
@@ -305,6 +398,12 @@ export class IrqChannels {
 /** @internal Builds the per-index info of a `DEVICE_GET_IRQ_INFO` reply. */
 export function irqIndexInfo(reply: IrqInfo): IrqIndexInfo {
   return Object.freeze({ index: reply.index, flags: reply.flags, count: reply.count });
+}
+
+function actionFlag(action: IrqAction): number {
+  if (action === 'mask') return IrqSetFlags.ACTION_MASK;
+  if (action === 'unmask') return IrqSetFlags.ACTION_UNMASK;
+  throw new TypeError(`Expected the action to be 'mask' or 'unmask', got ${String(action)}`);
 }
 
 function checkEmpty(payload: Buffer): Buffer {

@@ -1,7 +1,10 @@
+import * as fs from 'node:fs';
+import * as path from 'node:path';
 import { describe, expect, it } from 'vitest';
-import { createMemfd } from '../../lib/native/memfd';
+import { binding } from '../../lib/native/binding';
+import { SIZE_SEALS, createMemfd, isSealedAgainstShrinking } from '../../lib/native/memfd';
 import { type ClientOptions } from '../../lib/client';
-import { Command, DmaMapFlags, Errno, HeaderFlags } from '../../lib/protocol/constants';
+import { Command, DmaMapFlags, DmaUnmapFlags, Errno, HeaderFlags } from '../../lib/protocol/constants';
 import { ProtocolError, VfioUserError } from '../../lib/protocol/errors';
 import { useFdLeakCheck } from '../helpers/fds';
 import { startServer, TestDevice } from '../helpers/server';
@@ -179,6 +182,23 @@ describe('DMA maps', () => {
     expect(s.server.dma.list().map((r) => r.iova)).toEqual([0x100000, 0x101000, 0x103000]);
   });
 
+  it('seals the memfds it creates against shrinking and growing', async () => {
+    const fake = fakeServer();
+    const client = await connect(fake.path);
+    const mem = await client.allocateDma(0x3000);
+    const fd = fake.received.find((m) => m.command === Command.DMA_MAP)!.fds[0]!;
+    expect(binding.getSeals(fd) & SIZE_SEALS).toBe(SIZE_SEALS);
+    expect(isSealedAgainstShrinking(fd)).toBe(true);
+    expect(fs.fstatSync(fd).size).toBe(0x3000);
+    expect(() => fs.ftruncateSync(fd, 0x1000)).toThrow(/EPERM/);
+    expect(() => fs.ftruncateSync(fd, 0x4000)).toThrow(/EPERM/);
+    // Still writable memory.
+    mem.bytes[0] = 1;
+    const b = Buffer.alloc(1);
+    fs.readSync(fd, b, 0, 1, 0);
+    expect(b[0]).toBe(1);
+  });
+
   it('grants read-only memory without WRITE', async () => {
     const fake = fakeServer();
     const client = await connect(fake.path);
@@ -249,5 +269,104 @@ describe('DMA maps', () => {
     const client = await connect(fake.path);
     await client.mapWithoutFd(Buffer.from(Buffer.alloc(0x1000, 0xab)), { iova: 0xb000 });
     expect(await client.read(7, 0, 2)).toEqual(Buffer.from([0xab, 0xab]));
+  });
+});
+
+describe('DMA with caller-provided memory', () => {
+  it('grants a memfd at an offset: the server maps the same pages, the fd stays ours', async () => {
+    const s = await startServer(new TestDevice());
+    defer(s.stop);
+    const client = await connect(s.socketPath);
+    const fd = createMemfd('guest-ram', 0x10000);
+    defer(() => fd.close());
+    fs.writeSync(fd.value, Buffer.from('at 0x4000'), 0, 9, 0x4000);
+    const mem = await client.mapFd(fd, 0x2000, { fileOffset: 0x4000, iova: 0x40_0000 });
+    expect(mem).toMatchObject({ iova: 0x40_0000, size: 0x2000, shared: true, writable: true, fileOffset: 0x4000n });
+    const dma = s.server.dma;
+    expect(dma.isShared(0x40_0000, 0x2000)).toBe(true);
+    expect(dma.view(0x40_0000, 9, false).toString()).toBe('at 0x4000');
+    dma.view(0x40_1000, 4, true).writeUInt32LE(0xc0ffee);
+    expect(mem.bytes.readUInt32LE(0x1000)).toBe(0xc0ffee);
+    const back = Buffer.alloc(4);
+    fs.readSync(fd.value, back, 0, 4, 0x5000);
+    expect(back.readUInt32LE(0)).toBe(0xc0ffee);
+    await mem.unmap();
+    expect(dma.count).toBe(0);
+    // Still open and still ours.
+    expect(fs.fstatSync(fd.value).size).toBe(0x10000);
+  });
+
+  it('grants a /dev/shm file read-only (opened read-only): the device reads it, may not write it', async () => {
+    const s = await startServer(new TestDevice());
+    defer(s.stop);
+    const client = await connect(s.socketPath);
+    const file = path.join('/dev/shm', `vfio-user-test-rom-${process.pid}-${Date.now()}`);
+    fs.writeFileSync(file, Buffer.alloc(0x3000, 0xee));
+    defer(() => fs.rmSync(file, { force: true }));
+    const fd = fs.openSync(file, 'r');
+    defer(() => fs.closeSync(fd));
+    const rom = await client.mapFd(fd, 0x1000, { fileOffset: 0x2000, iova: 0xf_0000, readOnly: true });
+    expect(rom.writable).toBe(false);
+    const map = s.server.dma.list()[0]!;
+    expect(map.flags).toBe(DmaMapFlags.READ);
+    expect(s.server.dma.view(0xf_0000, 2, false)).toEqual(Buffer.from([0xee, 0xee]));
+    expect(() => s.server.dma.view(0xf_0000, 2, true)).toThrow();
+    expect(rom.bytes[0]).toBe(0xee);
+  });
+
+  it('sends DMA_MAP with the fd and the file offset; refuses bad sizes and offsets locally', async () => {
+    const fake = fakeServer();
+    const client = await connect(fake.path);
+    const fd = createMemfd('guest-ram', 0x4000);
+    defer(() => fd.close());
+    await client.mapFd(fd.value, 0x1000, { fileOffset: 0x3000, iova: 0x9000, readOnly: true });
+    const map = fake.received.find((m) => m.command === Command.DMA_MAP)!;
+    expect(map.fds).toHaveLength(1);
+    expect(map.payload.readUInt32LE(4)).toBe(DmaMapFlags.READ);
+    expect(map.payload.readBigUInt64LE(8)).toBe(0x3000n);
+    expect(map.payload.readBigUInt64LE(16)).toBe(0x9000n);
+    expect(map.payload.readBigUInt64LE(24)).toBe(0x1000n);
+    await expect(client.mapFd(fd, 100)).rejects.toThrow(/multiple/);
+    await expect(client.mapFd(fd, 0x1000, { fileOffset: 0x800 })).rejects.toThrow(/fileOffset/);
+    await expect(client.mapFd(fd, 0x2000, { fileOffset: 0x3000 })).rejects.toThrow(/past the end/);
+    await expect(client.mapFd(-1, 0x1000)).rejects.toThrow(TypeError);
+    expect(fake.received.filter((m) => m.command === Command.DMA_MAP)).toHaveLength(1);
+  });
+
+  it('withdraws every range with one DMA_UNMAP ALL', async () => {
+    const s = await startServer(new TestDevice());
+    defer(s.stop);
+    const client = await connect(s.socketPath);
+    const fd = createMemfd('guest-ram', 0x4000);
+    defer(() => fd.close());
+    const a = await client.allocateDma(0x1000);
+    const b = await client.mapFd(fd, 0x4000);
+    const c = await client.mapWithoutFd(Buffer.alloc(0x1000));
+    const view = a.bytes;
+    expect(s.server.dma.count).toBe(3);
+    await client.unmapAllDma();
+    expect(s.server.dma.count).toBe(0);
+    expect([a, b, c].map((m) => m.mapped)).toEqual([false, false, false]);
+    expect(client.dmaMaps).toEqual([]);
+    expect(view.length).toBe(0);
+    await a.unmap(); // nothing left to do
+    // Ranges can be granted again.
+    const d = await client.allocateDma(0x1000);
+    expect(s.server.dma.count).toBe(1);
+    await d.unmap();
+  });
+
+  it('sends ALL with address and size 0, and releases everything even when the server refuses', async () => {
+    const fake = fakeServer({ overrides: { [Command.DMA_UNMAP]: (m, f) => (f.reply(m, undefined, { error: Errno.EINVAL }), true) } });
+    const client = await connect(fake.path);
+    const a = await client.allocateDma(0x1000);
+    const err = (await rejection(client.unmapAllDma())) as VfioUserError;
+    expect(err.errno).toBe(Errno.EINVAL);
+    expect(a.mapped).toBe(false);
+    expect(client.dmaMaps).toEqual([]);
+    const unmap = fake.received.find((m) => m.command === Command.DMA_UNMAP)!;
+    expect(unmap.payload.readUInt32LE(4)).toBe(DmaUnmapFlags.ALL);
+    expect(unmap.payload.readBigUInt64LE(8)).toBe(0n);
+    expect(unmap.payload.readBigUInt64LE(16)).toBe(0n);
   });
 });

@@ -1,3 +1,4 @@
+import * as fs from 'node:fs';
 import { describe, expect, it } from 'vitest';
 import { type IrqEvent } from '../../lib/client';
 import { Command, Errno, IrqSetFlags, PciIrq } from '../../lib/protocol/constants';
@@ -5,7 +6,7 @@ import { ProtocolError, VfioUserError } from '../../lib/protocol/errors';
 import { useFdLeakCheck } from '../helpers/fds';
 import { startServer, TestDevice } from '../helpers/server';
 import type { ServerOptions } from '../../lib/server/server';
-import { rejection, connect, fakeServer, defer, useCleanup, tick, until } from './fixtures';
+import { rejection, connect, fakeServer, defer, useCleanup, tick, until, type FakeServer } from './fixtures';
 
 useFdLeakCheck();
 
@@ -189,5 +190,107 @@ describe('interrupts', () => {
     await client.disableIrqs(PciIrq.INTX);
     expect(irqs.eventfdCount(PciIrq.INTX)).toBe(0);
     expect(irqs.eventfdCount(PciIrq.ERR)).toBe(1);
+  });
+});
+
+describe('interrupts: BOOL data and MASK/UNMASK eventfds', () => {
+  const sets = (fake: FakeServer) =>
+    fake.received
+      .filter((m) => m.command === Command.DEVICE_SET_IRQS)
+      .map((m) => ({
+        argsz: m.payload.readUInt32LE(0),
+        flags: m.payload.readUInt32LE(4),
+        index: m.payload.readUInt32LE(8),
+        start: m.payload.readUInt32LE(12),
+        count: m.payload.readUInt32LE(16),
+        data: [...m.payload.subarray(20)],
+        fds: m.fds.length,
+      }));
+
+  it('sends MASK, UNMASK and TRIGGER with one BOOL byte per vector', async () => {
+    const fake = fakeServer({ irqCounts: [1, 0, 8, 1, 0] });
+    const client = await connect(fake.path);
+    await client.maskIrqs(PciIrq.MSIX, 2, [true, false, true]);
+    await client.unmaskIrqs(PciIrq.MSIX, 4, [false, true]);
+    await client.triggerIrqs(PciIrq.MSIX, 0, [false, false, false, false, false, false, false, true]);
+    await client.triggerIrqs(PciIrq.INTX);
+    expect(sets(fake)).toEqual([
+      { argsz: 23, flags: IrqSetFlags.DATA_BOOL | IrqSetFlags.ACTION_MASK, index: 2, start: 2, count: 3, data: [1, 0, 1], fds: 0 },
+      { argsz: 22, flags: IrqSetFlags.DATA_BOOL | IrqSetFlags.ACTION_UNMASK, index: 2, start: 4, count: 2, data: [0, 1], fds: 0 },
+      { argsz: 28, flags: IrqSetFlags.DATA_BOOL | IrqSetFlags.ACTION_TRIGGER, index: 2, start: 0, count: 8, data: [0, 0, 0, 0, 0, 0, 0, 1], fds: 0 },
+      { argsz: 20, flags: IrqSetFlags.DATA_NONE | IrqSetFlags.ACTION_TRIGGER, index: 0, start: 0, count: 1, data: [], fds: 0 },
+    ]);
+    await expect(client.maskIrqs(PciIrq.MSIX, 6, [true, true, true])).rejects.toThrow(RangeError);
+    await expect(client.maskIrqs(PciIrq.MSIX, 0, [])).rejects.toThrow(RangeError);
+    await expect(client.triggerIrqs(PciIrq.MSIX, 0, [1, 0] as unknown as boolean[])).rejects.toThrow(TypeError);
+    expect(sets(fake)).toHaveLength(4);
+  });
+
+  it('masks, unmasks and triggers exactly the selected vectors on our server', async () => {
+    const { client, irqs } = await ourServer();
+    await client.enableIrqs(PciIrq.MSIX, 4);
+    await client.maskIrqs(PciIrq.MSIX, 0, [true, false, true, false]);
+    for (const v of [0, 1, 2, 3]) irqs.trigger(PciIrq.MSIX, v);
+    await until(() => client.irqs.received(PciIrq.MSIX, 1) === 1 && client.irqs.received(PciIrq.MSIX, 3) === 1);
+    await tick(20);
+    expect([0, 1, 2, 3].map((v) => client.irqs.received(PciIrq.MSIX, v))).toEqual([0, 1, 0, 1]);
+    // Unmask only vector 2: its pending interrupt arrives, vector 0 stays masked.
+    await client.unmaskIrqs(PciIrq.MSIX, 0, [false, false, true]);
+    await until(() => client.irqs.received(PciIrq.MSIX, 2) === 1);
+    expect(client.irqs.received(PciIrq.MSIX, 0)).toBe(0);
+    // Software trigger of vectors 1 and 3 only.
+    await client.triggerIrqs(PciIrq.MSIX, 1, [true, false, true]);
+    await until(() => client.irqs.received(PciIrq.MSIX, 1) === 2 && client.irqs.received(PciIrq.MSIX, 3) === 2);
+    await tick(20);
+    expect([0, 1, 2, 3].map((v) => client.irqs.received(PciIrq.MSIX, v))).toEqual([0, 2, 1, 2]);
+  });
+
+  it('hands the server MASK/UNMASK eventfds (the INTx resample fd) that the client signals', async () => {
+    const fake = fakeServer({ irqCounts: [1, 0, 4, 1, 0] });
+    const client = await connect(fake.path);
+    await client.enableIrqs(PciIrq.INTX, 1);
+    const [resample] = await client.irqs.setActionEventfds(PciIrq.INTX, 'unmask');
+    const masks = await client.irqs.setActionEventfds(PciIrq.MSIX, 'mask', 1, 2);
+    expect(masks).toHaveLength(2);
+    expect(client.irqs.actionEventfd(PciIrq.INTX, 'unmask', 0)).toBe(resample);
+    expect(client.irqs.actionEventfd(PciIrq.MSIX, 'mask', 2)).toBe(masks[1]);
+    expect(client.irqs.actionEventfd(PciIrq.MSIX, 'mask', 0)).toBeNull();
+    expect(sets(fake).slice(1)).toEqual([
+      { argsz: 20, flags: IrqSetFlags.DATA_EVENTFD | IrqSetFlags.ACTION_UNMASK, index: 0, start: 0, count: 1, data: [], fds: 1 },
+      { argsz: 20, flags: IrqSetFlags.DATA_EVENTFD | IrqSetFlags.ACTION_MASK, index: 2, start: 1, count: 2, data: [], fds: 2 },
+    ]);
+    // The server holds the same eventfd: a signal from the client is what it reads.
+    const serverCopy = fake.received.filter((m) => m.command === Command.DEVICE_SET_IRQS)[1]!.fds[0]!;
+    expect(fs.readlinkSync(`/proc/self/fd/${serverCopy}`)).toBe('anon_inode:[eventfd]');
+    resample!.signal();
+    const counter = Buffer.alloc(8);
+    expect(fs.readSync(serverCopy, counter, 0, 8, null)).toBe(8);
+    expect(counter.readBigUInt64LE(0)).toBe(1n);
+
+    // Withdrawn: EVENTFD with no fds; ours closed.
+    await client.irqs.clearActionEventfds(PciIrq.INTX, 'unmask');
+    expect(resample!.closed).toBe(true);
+    expect(client.irqs.actionEventfd(PciIrq.INTX, 'unmask', 0)).toBeNull();
+    expect(sets(fake).at(-1)).toEqual({ argsz: 20, flags: IrqSetFlags.DATA_EVENTFD | IrqSetFlags.ACTION_UNMASK, index: 0, start: 0, count: 1, data: [], fds: 0 });
+    await expect(client.irqs.setActionEventfds(PciIrq.INTX, 'resample' as 'mask')).rejects.toThrow(TypeError);
+    // The rest close with the client.
+    await client.close();
+    expect(masks.every((m) => m.closed)).toBe(true);
+  });
+
+  it('closes the new MASK/UNMASK eventfds when the server refuses them', async () => {
+    const fake = fakeServer({ overrides: { [Command.DEVICE_SET_IRQS]: (m, f) => (f.reply(m, undefined, { error: Errno.EINVAL }), true) } });
+    const client = await connect(fake.path);
+    expect(await rejection(client.irqs.setActionEventfds(PciIrq.INTX, 'unmask'))).toMatchObject({ errno: Errno.EINVAL });
+    expect(client.irqs.actionEventfd(PciIrq.INTX, 'unmask', 0)).toBeNull();
+  });
+
+  it('registers a resample eventfd with our server for INTx', async () => {
+    const { client, s } = await ourServer();
+    await client.enableIrqs(PciIrq.INTX, 1);
+    const [resample] = await client.irqs.setActionEventfds(PciIrq.INTX, 'unmask');
+    expect(resample!.closed).toBe(false);
+    expect(s.server.irqs.info(PciIrq.INTX)).not.toBeNull();
+    await client.irqs.clearActionEventfds(PciIrq.INTX, 'unmask');
   });
 });
