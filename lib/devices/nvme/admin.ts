@@ -167,6 +167,24 @@ export class ErrorLog {
     return this.capacity * ErrorLogEntry.SIZE;
   }
 
+  /** The entries, oldest first (device state, for migration). */
+  snapshot(): ErrorRecord[] {
+    const out: ErrorRecord[] = [];
+    for (let i = this.ring.length - 1; i >= 0; i--) out.push({ ...this.ring[(this.next - 1 - i + 2 * this.capacity) % this.capacity]! });
+    return out;
+  }
+
+  /** Takes the count and entries (oldest first) of a {@link snapshot}; the newest `capacity` are kept. */
+  restore(count: number, entries: readonly ErrorRecord[]): void {
+    this.ring.length = 0;
+    this.next = 0;
+    for (const e of entries.slice(-this.capacity)) {
+      this.ring.push({ ...e });
+      this.next = (this.next + 1) % this.capacity;
+    }
+    this.count = count;
+  }
+
   /** Writes the log, newest entry first, into zeroed `dst` (`size` bytes). */
   write(dst: Buffer): void {
     for (let i = 0; i < this.ring.length; i++) {
@@ -232,6 +250,20 @@ export class AsyncEvents {
     const [req] = this.outstanding.splice(i, 1);
     this.complete(req!, Status.ABORT_REQ);
     return true;
+  }
+
+  /** Outstanding requests (their CIDs), events waiting, and the types reported but not yet read. */
+  snapshot(): { outstanding: number[]; queue: { type: number; info: number; log: number }[]; masked: number } {
+    return { outstanding: this.outstanding.map((r) => r.cid), queue: this.queue.map((e) => ({ ...e })), masked: this.masked };
+  }
+
+  /** Takes the state of a {@link snapshot}, with `outstanding` rebuilt as requests of the admin queue. */
+  restore(outstanding: Request[], queue: readonly { type: number; info: number; log: number }[], masked: number): void {
+    this.outstanding.length = 0;
+    this.outstanding.push(...outstanding);
+    this.queue.length = 0;
+    this.queue.push(...queue.map((e) => ({ ...e })));
+    this.masked = masked;
   }
 
   /** Controller reset: outstanding requests are dropped without completion, events forgotten. */
