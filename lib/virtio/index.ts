@@ -1,0 +1,12 @@
+/**
+ * Virtio over vfio-user: the specification's constants and structures (`spec`, importable by any
+ * driver), split virtqueues, and the modern PCI transport that virtio device models extend.
+ *
+ * @packageDocumentation
+ */
+export * from './spec';
+export { GuestMemory, RingView } from './memory';
+export { SplitVirtqueue, VirtqElement, readU64, u64, type ElementFactory } from './virtqueue';
+export { ElementData } from './data';
+export { DEFAULT_POLL_POLICY, RingPoller, type PollPhase, type PollPolicy, type PollTarget } from './poller';
+export { MAX_VIRTQUEUES, VirtioPciDevice, VirtioPciLayout, type NotifyMode, type VirtioCounters, type VirtioPciOptions } from './pci';

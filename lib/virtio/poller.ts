@@ -1,0 +1,110 @@
+/**
+ * {@link RingPoller}: polls the available rings when guest notifications do not reach the device
+ * (the notify page mapped into the guest as shared memory: a store there is a plain memory write).
+ *
+ * | phase | entered                            | next poll               |
+ * |-------|------------------------------------|-------------------------|
+ * | spin  | on any work, notify or completion  | `setImmediate`          |
+ * | short | `spinUs` (200 µs) without work      | `setTimeout(shortMs)`   |
+ * | long  | `shortForMs` (100 ms) without work  | `setTimeout(longMs)`    |
+ *
+ * A poll reads each running queue's available index (one load per queue). Spinning costs a core
+ * while the guest is busy, so the window is short: under TCG the guest competes with us for the
+ * same cores. Timers are unref'd: an idle poller never keeps the process alive.
+ *
+ * @packageDocumentation
+ */
+
+/** Tunables of {@link RingPoller}. */
+export interface PollPolicy {
+  /** Keep polling with setImmediate for this long after the last work, in microseconds. */
+  spinUs: number;
+  /** Then poll every `shortMs` milliseconds... */
+  shortMs: number;
+  /** ...until idle for `shortForMs` milliseconds... */
+  shortForMs: number;
+  /** ...and every `longMs` milliseconds after that. */
+  longMs: number;
+}
+
+export const DEFAULT_POLL_POLICY: Readonly<PollPolicy> = Object.freeze({ spinUs: 200, shortMs: 1, shortForMs: 100, longMs: 10 });
+
+/** What the poller drives. */
+export interface PollTarget {
+  /** Looks for new work and processes it; true if there was any. */
+  poll(): boolean;
+  /** Whether anything needs polling now (the device is running with a shared notify page). */
+  readonly pollable: boolean;
+}
+
+export type PollPhase = 'stopped' | 'spin' | 'short' | 'long';
+
+export class RingPoller {
+  private phaseValue: PollPhase = 'stopped';
+  private lastWork = 0;
+  private immediate: NodeJS.Immediate | null = null;
+  private timer: NodeJS.Timeout | null = null;
+  /** Polls done in each phase (for tests and measurements). */
+  readonly counts = { spin: 0, short: 0, long: 0 };
+  private readonly tick = () => this.run();
+
+  constructor(
+    private readonly target: PollTarget,
+    readonly policy: Readonly<PollPolicy> = DEFAULT_POLL_POLICY,
+  ) {}
+
+  get phase(): PollPhase {
+    return this.phaseValue;
+  }
+
+  /** Activity seen: poll eagerly again. */
+  wake(): void {
+    if (!this.target.pollable) return;
+    this.lastWork = performance.now();
+    if (this.phaseValue === 'spin') return;
+    this.cancel();
+    this.phaseValue = 'spin';
+    this.immediate = setImmediate(this.tick);
+  }
+
+  stop(): void {
+    this.cancel();
+    this.phaseValue = 'stopped';
+  }
+
+  private cancel(): void {
+    if (this.immediate !== null) clearImmediate(this.immediate);
+    if (this.timer !== null) clearTimeout(this.timer);
+    this.immediate = null;
+    this.timer = null;
+  }
+
+  private run(): void {
+    this.immediate = null;
+    this.timer = null;
+    const target = this.target;
+    if (!target.pollable) {
+      this.phaseValue = 'stopped';
+      return;
+    }
+    const phase = this.phaseValue;
+    if (phase === 'spin') this.counts.spin++;
+    else if (phase === 'short') this.counts.short++;
+    else if (phase === 'long') this.counts.long++;
+    const now = performance.now();
+    if (target.poll()) this.lastWork = now;
+    // poll() may have stopped us (a reset, a fault) or woken us (a completion): respect that.
+    if (this.phaseValue === 'stopped' || this.immediate !== null || this.timer !== null) return;
+    const idleMs = now - this.lastWork;
+    const policy = this.policy;
+    if (idleMs * 1000 < policy.spinUs) {
+      this.phaseValue = 'spin';
+      this.immediate = setImmediate(this.tick);
+      return;
+    }
+    const long = idleMs >= policy.shortForMs;
+    this.phaseValue = long ? 'long' : 'short';
+    this.timer = setTimeout(this.tick, long ? policy.longMs : policy.shortMs);
+    this.timer.unref();
+  }
+}
