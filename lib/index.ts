@@ -4,7 +4,8 @@
  * - `VfioUserServer` + `VfioUserDevice`: serve a device on a UNIX socket (lib/server).
  * - `PciDevice`: a PCI function (config space, BARs, MSI/MSI-X, INTx) to build devices on (lib/pci).
  * - `VfioUserClient` + `PciFunction`: drive any vfio-user device from Node (lib/client).
- * - Devices: `Idio16Device` (ACCES PCI-IDIO-16 GPIO card), `NvmeController`.
+ * - Devices: `Idio16Device` (ACCES PCI-IDIO-16 GPIO card), `NvmeController`, `VirtioBlkDevice`.
+ * - `virtio`: the virtio 1.2 spec constants, split virtqueues and the `VirtioPciDevice` transport (lib/virtio).
  * - Block backends every storage device shares: `RamBackend`, `FileBackend`, `BlockBackend` (lib/block).
  * - `Connection`: the framed, fd-passing message transport both sides use (lib/transport).
  * - `protocol`: every message's encode/decode pair, constants and errors (lib/protocol).
@@ -38,6 +39,8 @@ export {
 } from './client';
 export { PciDevice, type PciDeviceOptions, type PciBar } from './pci/device';
 export * as pci from './pci';
+export { VirtioPciDevice, type VirtioPciOptions, type NotifyMode } from './virtio/pci';
+export * as virtio from './virtio';
 export * from './block';
 export * from './devices';
 export {

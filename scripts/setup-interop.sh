@@ -28,7 +28,7 @@ set -euo pipefail
 SETUP_VERSION=2
 DIR=${VFIO_USER_INTEROP_DIR:-/var/cache/vfio-user-interop}
 MIRROR=${VFIO_USER_INTEROP_MIRROR:-http://deb.debian.org/debian}
-BASE_MODULES="nvme nvme-core gpio-pci-idio-16"
+BASE_MODULES="nvme nvme-core gpio-pci-idio-16 virtio_pci virtio_blk"
 MODULES=$(echo "$BASE_MODULES ${VFIO_USER_INTEROP_MODULES:-}" | tr ' ' '\n' | sed '/^$/d' | sort -u | tr '\n' ' ')
 MODULES=${MODULES% }
 # The stamp records the configuration; a change of any of these rebuilds.

@@ -6,6 +6,7 @@ import * as readline from 'node:readline';
 import * as fs from 'node:fs';
 import { Idio16Device } from '../devices/gpio/idio16';
 import { NvmeController } from '../devices/nvme/controller';
+import { VirtioBlkDevice } from '../devices/virtio-blk/device';
 import { FileBackend, RamBackend, type BlockBackend } from '../block';
 import { VfioUserServer, type ServerOptions } from '../server/server';
 import type { CliCommand } from './main';
@@ -16,8 +17,9 @@ Serve an emulated PCI device on the UNIX socket SOCKET for a vfio-user client su
 QEMU's vfio-user-pci. Ctrl-C or SIGTERM shuts down cleanly and removes the socket.
 
 Devices:
-  gpio   ACCES PCI-IDIO-16: 16 inputs, 16 outputs, change-of-state interrupt (Linux: gpio-pci-idio-16)
-  nvme   NVMe controller with one namespace (Linux: nvme)
+  gpio        ACCES PCI-IDIO-16: 16 inputs, 16 outputs, change-of-state interrupt (Linux: gpio-pci-idio-16)
+  nvme        NVMe controller with one namespace (Linux: nvme)
+  virtio-blk  virtio 1.2 block device (Linux: virtio_pci, virtio_blk)
 
 nvme options:
   --size SIZE          namespace size, e.g. 1G, 512M (default 1G); RAM-backed unless --file
@@ -30,6 +32,18 @@ nvme options:
   --doorbells MODE     trap (default: every doorbell write is a message) or mmap (the doorbell
                        page is shared memory the controller polls adaptively)
   --trace FILE         append controller events (state changes, admin commands, errors) to FILE
+
+virtio-blk options:
+  --size SIZE          disk size, e.g. 1G, 512M (default 1G); RAM-backed unless --file
+  --file PATH          back the disk with a file or block device (created if missing, with --size);
+                       FLUSH and write-through writes reach the disk with fdatasync
+  --queues N           request queues, 1..64 (default 4)
+  --block-size B       logical block size, 512, 1024, 2048 or 4096 (default 512)
+  --read-only          a read-only disk (VIRTIO_BLK_F_RO)
+  --serial S           device ID (GET_ID), up to 20 characters (default: random)
+  --notify MODE        trap (default: every queue notify is a message) or mmap (the notify page is
+                       shared memory the device polls adaptively)
+  --trace FILE         append device events (status changes, resets, errors) to FILE
 
 Options:
   --mode MODE            socket file mode, octal (default 0600)
@@ -47,7 +61,7 @@ gpio control (stdin, one JSON object per line):
 
 export const serveCommand: CliCommand = {
   name: 'serve',
-  summary: 'serve an emulated device (gpio, nvme) on a UNIX socket',
+  summary: 'serve an emulated device (gpio, nvme, virtio-blk) on a UNIX socket',
   usage: USAGE,
   options: {
     mode: { type: 'string' },
@@ -62,6 +76,8 @@ export const serveCommand: CliCommand = {
     model: { type: 'string' },
     trace: { type: 'string' },
     doorbells: { type: 'string' },
+    notify: { type: 'string' },
+    'read-only': { type: 'boolean' },
   },
   async run(positionals, values) {
     const [device, socket] = positionals;
@@ -96,7 +112,17 @@ export const serveCommand: CliCommand = {
       }
       return serveNvme(path.resolve(socket), options, json, controller, values);
     }
-    console.error(`vfio-user serve: unknown device '${device}' (known: gpio, nvme)`);
+    if (device === 'virtio-blk') {
+      let disk: VirtioBlkDevice;
+      try {
+        disk = virtioBlkFromOptions(values);
+      } catch (err) {
+        console.error(`vfio-user serve virtio-blk: ${(err as Error).message}`);
+        return 2;
+      }
+      return serveVirtioBlk(path.resolve(socket), options, json, disk, values);
+    }
+    console.error(`vfio-user serve: unknown device '${device}' (known: gpio, nvme, virtio-blk)`);
     return 2;
   },
 };
@@ -216,6 +242,57 @@ async function serveNvme(socket: string, options: ServerOptions, json: boolean, 
         },
         (err: unknown) => {
           console.error(`vfio-user serve nvme: shutdown failed: ${(err as Error).message}`);
+          resolve(1);
+        },
+      );
+    };
+    process.once('SIGINT', stop);
+    process.once('SIGTERM', stop);
+  });
+}
+
+function virtioBlkFromOptions(values: Record<string, string | boolean | undefined>): VirtioBlkDevice {
+  const size = values.size === undefined ? undefined : parseSize(String(values.size));
+  const blockSize = intOption(values, 'block-size', 512, 4096);
+  const queues = intOption(values, 'queues', 1, 64);
+  const notify = values.notify ?? 'trap';
+  if (notify !== 'trap' && notify !== 'mmap') throw new Error(`--notify must be trap or mmap, got '${String(notify)}'`);
+  const readOnly = values['read-only'] === true;
+  const traceFd = values.trace === undefined ? null : fs.openSync(String(values.trace), 'a');
+  const backend: BlockBackend =
+    values.file !== undefined ? FileBackend.open(String(values.file), { ...(size === undefined ? {} : { size }), readOnly }) : new RamBackend(size ?? 2 ** 30);
+  return new VirtioBlkDevice({
+    backend,
+    notify,
+    readOnly,
+    ...(queues !== undefined ? { queues } : {}),
+    ...(blockSize !== undefined ? { blockSize } : {}),
+    ...(values.serial !== undefined ? { serial: String(values.serial) } : {}),
+    ...(traceFd !== null ? { trace: (line: string) => fs.writeSync(traceFd, `${new Date().toISOString()} ${line}\n`) } : {}),
+  });
+}
+
+async function serveVirtioBlk(socket: string, options: ServerOptions, json: boolean, disk: VirtioBlkDevice, values: Record<string, unknown>): Promise<number> {
+  const server = await VfioUserServer.listen(socket, disk, options);
+  const say = (obj: Record<string, unknown>, text: string) => console.log(json ? JSON.stringify(obj) : text);
+  const backing = `${values.file !== undefined ? `file ${String(values.file)}` : 'RAM'}${disk.readOnly ? ', read-only' : ''}`;
+  const size = disk.capacity * 512;
+  say(
+    { event: 'ready', device: 'virtio-blk', socket, sizeBytes: size, backing, qemu: qemuOption(socket) },
+    `vfio-user: serving virtio-blk (${(size / 2 ** 30).toFixed(2)} GiB, ${backing}) on ${socket}\nattach with: ${qemuOption(socket)}`,
+  );
+  server.on('connect', () => say({ event: 'connect' }, 'client connected'));
+  server.on('disconnect', (err: Error | null) => say({ event: 'disconnect', error: err?.message ?? null }, `client disconnected${err ? `: ${err.message}` : ''}`));
+  return new Promise<number>((resolve) => {
+    const stop = () => {
+      // close() drains in-flight requests, then the device flushes and closes its backend.
+      void server.close().then(
+        () => {
+          say({ event: 'stopped' }, 'stopped: data flushed, socket removed');
+          resolve(0);
+        },
+        (err: unknown) => {
+          console.error(`vfio-user serve virtio-blk: shutdown failed: ${(err as Error).message}`);
           resolve(1);
         },
       );
