@@ -10,6 +10,11 @@
  *   into and out of the guest views; Flush and FUA writes end in `fdatasync`, so data the guest
  *   was told is durable survives a restart of the server (and of the host, for what the file
  *   system guarantees).
+ * - {@link NbdBackend}: an NBD export (qemu-nbd, qemu-storage-daemon, nbdkit), over TCP or a UNIX
+ *   socket, with several connections, zero-copy reads and reconnection.
+ *
+ * Read-only: a backend with `readOnly` rejects writes and zeroing with code EROFS (discard, a
+ * hint, does nothing); devices report the disk as write-protected and refuse writes themselves.
  *
  * Errors: a backend rejects with an Error (an `errno`/`code` is welcome); the device turns it into
  * a media error for the command (NVMe: Unrecovered Read Error / Write Fault, counted in the SMART
@@ -36,6 +41,8 @@ export interface BlockBackend {
   readv?(offset: number, dsts: readonly Buffer[]): Promise<void>;
   /** Gather write (default: one write per buffer). */
   writev?(offset: number, srcs: readonly Buffer[], fua: boolean): Promise<void>;
+  /** Writes are refused (EROFS); devices report write protection. Default false. */
+  readonly readOnly?: boolean;
   /** True if a discarded range reads back as zeroes (reported in Identify Namespace DLFEAT). */
   readonly discardZeroes?: boolean;
   /** Flush and release the storage. Idempotent. */
@@ -44,6 +51,11 @@ export interface BlockBackend {
 
 /** An already-settled success, shared by synchronous backends. */
 export const RESOLVED: Promise<void> = Promise.resolve();
+
+/** The rejection of a write to a read-only backend. */
+export function readOnlyError(what: string): Error {
+  return Object.assign(new Error(`${what} is read-only`), { code: 'EROFS' });
+}
 
 /** RangeError unless `[offset, offset + length)` lies inside `0..size`. */
 export function checkRange(size: number, offset: number, length: number): void {

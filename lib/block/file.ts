@@ -1,7 +1,7 @@
 /** {@link FileBackend}: a disk in a regular file or a block device. */
 import * as fs from 'node:fs';
 import { binding } from '../native/binding';
-import { checkRange, RESOLVED, type BlockBackend } from './backend';
+import { checkRange, readOnlyError, RESOLVED, type BlockBackend } from './backend';
 
 /** Options of {@link FileBackend.open}. */
 export interface FileBackendOptions {
@@ -125,6 +125,7 @@ export class FileBackend implements BlockBackend {
   }
 
   async writeZeroes(offset: number, length: number, fua: boolean): Promise<void> {
+    if (this.readOnly) throw readOnlyError(this.path);
     checkRange(this.size, offset, length);
     zeroChunk ??= Buffer.alloc(ZERO_CHUNK);
     for (let done = 0; done < length; ) {
@@ -172,7 +173,7 @@ export class FileBackend implements BlockBackend {
   /** writev until every byte is written. */
   private async writeAll(offset: number, bufs: readonly Buffer[]): Promise<void> {
     const fd = this.fd;
-    if (this.readOnly) throw Object.assign(new Error(`${this.path} is read-only`), { code: 'EROFS' });
+    if (this.readOnly) throw readOnlyError(this.path);
     let list = bufs;
     let at = offset;
     for (;;) {

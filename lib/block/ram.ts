@@ -3,7 +3,15 @@ import { binding } from '../native/binding';
 import { createMemfd } from '../native/memfd';
 import { Mapping } from '../native/mapping';
 import type { Fd } from '../native/fd';
-import { checkRange, RESOLVED, type BlockBackend } from './backend';
+import { checkRange, readOnlyError, RESOLVED, type BlockBackend } from './backend';
+
+/** Options of {@link RamBackend}. */
+export interface RamBackendOptions {
+  /** Name of the memfd (shown in /proc/PID/fd). */
+  name?: string;
+  /** Refuse writes (EROFS); fill the disk through {@link RamBackend.view} first. Default false. */
+  readOnly?: boolean;
+}
 
 /**
  * A RAM disk: a memfd of `size` bytes mapped shared into this process, so the data lives outside
@@ -14,6 +22,7 @@ import { checkRange, RESOLVED, type BlockBackend } from './backend';
 export class RamBackend implements BlockBackend {
   readonly size: number;
   readonly discardZeroes = true;
+  readonly readOnly: boolean;
   #fd: Fd | null;
   #mapping: Mapping | null;
 
@@ -21,9 +30,11 @@ export class RamBackend implements BlockBackend {
    * `size` may be anything the address space allows (`--size 1T` works): the memfd is sparse, so
    * only blocks written take memory, and a mapping over 4 GiB is reached through windows.
    */
-  constructor(size: number, name = 'vfio-user-nvme-ram') {
+  constructor(size: number, options: string | RamBackendOptions = {}) {
     if (!Number.isSafeInteger(size) || size <= 0) throw new RangeError(`Expected a RAM backend size > 0, got ${size}`);
+    const { name = 'vfio-user-nvme-ram', readOnly = false } = typeof options === 'string' ? { name: options } : options;
     this.size = size;
+    this.readOnly = readOnly;
     this.#fd = createMemfd(name, size);
     try {
       this.#mapping = Mapping.map(this.#fd, 0, size);
@@ -67,12 +78,14 @@ export class RamBackend implements BlockBackend {
   }
 
   write(offset: number, src: Buffer, _fua: boolean): Promise<void> {
+    if (this.readOnly) return Promise.reject(readOnlyError('the RAM disk'));
     checkRange(this.size, offset, src.length);
     this.#copyIn(offset, src);
     return RESOLVED;
   }
 
   writev(offset: number, srcs: readonly Buffer[], _fua: boolean): Promise<void> {
+    if (this.readOnly) return Promise.reject(readOnlyError('the RAM disk'));
     let at = offset;
     for (const src of srcs) {
       checkRange(this.size, at, src.length);
@@ -87,6 +100,10 @@ export class RamBackend implements BlockBackend {
   }
 
   discard(offset: number, length: number): Promise<void> {
+    if (this.readOnly) {
+      checkRange(this.size, offset, length);
+      return RESOLVED; // a hint
+    }
     return this.writeZeroes(offset, length, false);
   }
 
@@ -95,6 +112,7 @@ export class RamBackend implements BlockBackend {
    * guest that discards a whole `--size 1T` disk (mkfs does) frees memory instead of filling it.
    */
   writeZeroes(offset: number, length: number, _fua: boolean): Promise<void> {
+    if (this.readOnly) return Promise.reject(readOnlyError('the RAM disk'));
     checkRange(this.size, offset, length);
     this.#live();
     if (length > 0) binding.punchHole(this.#fd!.value, offset, length);

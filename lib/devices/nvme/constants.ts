@@ -98,6 +98,8 @@ export const Status = {
   CMD_SEQ_ERROR: status(Sct.GENERIC, 0x0c),
   SGL_INVALID_TYPE: status(Sct.GENERIC, 0x11),
   PRP_INVALID_OFFSET: status(Sct.GENERIC, 0x13),
+  /** Namespace is Write Protected: a write to a read-only namespace (NSATTR bit 0). */
+  NS_WRITE_PROTECTED: status(Sct.GENERIC, 0x20),
   // NVM command set generic statuses (SCT 0, 0x80..)
   LBA_RANGE: status(Sct.GENERIC, 0x80),
   CAP_EXCEEDED: status(Sct.GENERIC, 0x81),

@@ -296,6 +296,7 @@ export class NvmeController extends PciDevice implements AdminContext, IoContext
       eui64: ids.eui64,
       uuid: ids.uuid,
       npwg: Math.max(1, 4096 >> this.blockShift),
+      writeProtected: options.backend.readOnly === true,
     };
   }
 

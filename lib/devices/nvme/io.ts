@@ -6,8 +6,9 @@
  * referenced (so DMA_UNMAP waits) until the backend is done; nothing is copied in between unless a
  * PRP page lies in a message-only map, which goes through a bounce buffer. Every guest mistake is a
  * status: Invalid Namespace, Invalid Field (SGLs, fused commands, MDTS), LBA Out of Range, PRP
- * Offset Invalid, Data Transfer Error. Backend failures become media errors (Unrecovered Read
- * Error, Write Fault) and count in the SMART log.
+ * Offset Invalid, Data Transfer Error; a write to a read-only backend is Namespace is Write
+ * Protected. Backend failures become media errors (Unrecovered Read Error, Write Fault) and count
+ * in the SMART log.
  *
  * @packageDocumentation
  */
@@ -113,6 +114,7 @@ function readWrite(ctx: IoContext, req: Request, write: boolean): HandlerResult 
   if (bytes > ctx.maxTransfer) return Status.INVALID_FIELD;
   const range = checkRange(ctx, req, blocks);
   if (range !== Status.SUCCESS) return range;
+  if (write && ctx.backend.readOnly === true) return Status.NS_WRITE_PROTECTED;
   const mapped = mapData(ctx, req, bytes, !write);
   if (mapped !== Status.SUCCESS) return mapped;
   const offset = req.lba * 2 ** ctx.blockShift;
@@ -158,6 +160,7 @@ function writeZeroes(ctx: IoContext, req: Request): HandlerResult {
   const blocks = (req.cdw12 & Rw.NLB_MASK) + 1;
   const range = checkRange(ctx, req, blocks);
   if (range !== Status.SUCCESS) return range;
+  if (ctx.backend.readOnly === true) return Status.NS_WRITE_PROTECTED;
   const offset = req.lba * 2 ** ctx.blockShift;
   const length = blocks * 2 ** ctx.blockShift;
   const fua = (req.cdw12 & Rw.FUA) !== 0 || !ctx.writeCacheEnabled;
@@ -200,6 +203,7 @@ function deallocateRanges(ctx: IoContext, req: Request, list: Buffer, count: num
   }
   // Integral Dataset for Read/Write are hints; only Deallocate does something.
   if (!deallocate || ranges.length === 0) return Status.SUCCESS;
+  if (ctx.backend.readOnly === true) return Status.NS_WRITE_PROTECTED;
   const shift = ctx.blockShift;
   return settle(
     ctx,

@@ -407,6 +407,8 @@ export interface NamespaceIdentity {
   uuid: Buffer; // 16 bytes
   /** Optimal I/O boundary and preferred write granularity, in blocks (0 = not reported). */
   npwg: number;
+  /** The namespace is write-protected (NSATTR bit 0): the backend is read-only. */
+  writeProtected?: boolean;
 }
 
 /** Fills Identify Namespace (CNS 00h) into a zeroed 4 KiB `dst`. */
@@ -419,6 +421,7 @@ export function writeIdentifyNamespace(dst: Buffer, ns: NamespaceIdentity): void
   dst[IdNs.NLBAF] = 0; // one LBA format
   dst[IdNs.FLBAS] = 0; // format 0, no metadata
   dst[IdNs.DLFEAT] = ns.dlfeat;
+  dst[IdNs.NSATTR] = ns.writeProtected === true ? 1 : 0;
   putU128(dst, IdNs.NVMCAP, ns.blocks * 2 ** ns.lbads);
   if (ns.npwg > 0) {
     dst.writeUInt16LE(ns.npwg - 1, IdNs.NPWG);
@@ -452,6 +455,7 @@ export function writeNamespaceDescriptors(dst: Buffer, ns: NamespaceIdentity): v
 /** Fills Identify I/O Command Set independent Namespace (CNS 08h) into a zeroed 4 KiB `dst`. */
 export function writeIdentifyNamespaceIndependent(dst: Buffer, ns: NamespaceIdentity): void {
   dst[IdNsIndep.NSFEAT] = ns.npwg > 0 ? Nsfeat.OPTPERF : 0;
+  dst[IdNsIndep.NSATTR] = ns.writeProtected === true ? 1 : 0;
   dst[IdNsIndep.NSTAT] = 0x1; // ready
 }
 
