@@ -1,5 +1,6 @@
 // UNIX stream sockets: listen, accept, connect, socketpair. Every fd is NONBLOCK|CLOEXEC.
 #include <sys/socket.h>
+#include <sys/stat.h>
 #include <sys/un.h>
 #include <unistd.h>
 
@@ -44,15 +45,28 @@ void CloseKeepErrno(int fd) {
 
 }  // namespace
 
+// unixListen(path, backlog, mode?). With `mode`, the socket file is created with that mode less the
+// umask, atomically: Linux gives the new inode the socket's own mode (masked by the umask), so
+// fchmod before bind leaves no moment in which the file exists with a wider mode.
 Napi::Value UnixListen(const Napi::CallbackInfo& info) {
   sockaddr_un addr;
   int64_t backlog;
+  int64_t mode = -1;
   if (!ArgSocketPath(info, "bind", &addr)) return {};
   if (!ArgInteger(info, 1, 0, INT32_MAX, "a backlog (an integer >= 0)", &backlog)) return {};
+  if (info.Length() > 2 && !info[2].IsUndefined() &&
+      !ArgInteger(info, 2, 0, 0777, "a file mode (an integer from 0 to 0o777)", &mode)) {
+    return {};
+  }
 
   int fd = socket(AF_UNIX, kSockType, 0);
   if (fd < 0) {
     ThrowErrno(info.Env(), errno, "socket");
+    return {};
+  }
+  if (mode >= 0 && fchmod(fd, static_cast<mode_t>(mode)) < 0) {
+    CloseKeepErrno(fd);
+    ThrowErrno(info.Env(), errno, "fchmod");
     return {};
   }
   if (bind(fd, reinterpret_cast<sockaddr*>(&addr), sizeof(addr)) < 0) {

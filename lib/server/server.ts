@@ -2,11 +2,17 @@
  * `VfioUserServer`: serves one device on a UNIX socket path, one client at a time
  * (reference §1.2, §6.1, §6.3).
  *
- * The socket file is created with mode 0600 unless told otherwise, is never taken over from a live
- * server, and is removed on close. A second client while one is connected gets an EBUSY error
- * reply to its VERSION and is disconnected; the first is unaffected. When a client goes away its
- * DMA maps and IRQ eventfds are dropped, the device is told ('lost-connection' reset), and the
- * next client is served.
+ * The socket file is created with mode 0600 unless told otherwise (atomically: it never exists
+ * with a wider mode), is never taken over from a live server, and is removed on close. A second
+ * client while one is connected gets an EBUSY error reply to its VERSION and is disconnected; the
+ * first is unaffected. When a client goes away its DMA maps and IRQ eventfds are dropped, the
+ * device is told ('lost-connection' reset), and the next client is served.
+ *
+ * Availability: a client that does not send VERSION within `versionTimeoutMs`, or starts a message
+ * and does not finish it within `messageTimeoutMs`, is disconnected ('disconnect' with an
+ * ETIMEDOUT error). A connection costs a few KiB until it negotiates. When accept() fails (at the
+ * fd limit, EMFILE/ENFILE) the listener is not watched for a while (50 ms, doubling to 1 s), so
+ * the server does not spin; queued clients are served once fds are free again.
  */
 import { EventEmitter } from 'node:events';
 import * as fs from 'node:fs';
@@ -38,7 +44,22 @@ export interface ServerOptions {
   writeMultiple?: boolean;
   /** Reply timeout for our own DMA_READ/DMA_WRITE requests to the client (default 5000 ms). */
   requestTimeoutMs?: number;
+  /** A client must send VERSION within this many ms of being served, or is disconnected (default 10000; 0: no limit). */
+  versionTimeoutMs?: number;
+  /**
+   * Once a message has begun to arrive, the rest must follow within this many ms, or the client is
+   * disconnected (default 5000; 0: no limit). It fires between one and two times this value.
+   */
+  messageTimeoutMs?: number;
 }
+
+/** Listen backlog: a burst of connects queues (and gets a clean EBUSY), not EAGAIN. */
+const LISTEN_BACKLOG = 511;
+/** After accept() fails (EMFILE, ENFILE, ENOMEM...), wait this long, doubling up to the maximum. */
+const ACCEPT_RETRY_MS = 50;
+const ACCEPT_RETRY_MAX_MS = 1000;
+/** A client that connects while another is served must speak within this (or versionTimeoutMs). */
+const NEWCOMER_TIMEOUT_MS = 2000;
 
 export interface VfioUserServerEvents {
   /** A client connected (before VERSION). */
@@ -72,6 +93,11 @@ export class VfioUserServer extends EventEmitter implements ServerCore {
   /** Clients that connected while another was served and are not yet answered. */
   private readonly newcomers = new Set<Connection>();
   private closing: Promise<void> | null = null;
+  /** Set while the listener is not watched after a failed accept(). */
+  private acceptRetry: NodeJS.Timeout | null = null;
+  private acceptDelay = ACCEPT_RETRY_MS;
+  private readonly versionTimeoutMs: number;
+  private readonly messageTimeoutMs: number;
 
   private constructor(
     readonly path: string,
@@ -82,6 +108,8 @@ export class VfioUserServer extends EventEmitter implements ServerCore {
     super();
     this.listenFd = listenFd;
     this.writeMultiple = options.writeMultiple ?? true;
+    this.versionTimeoutMs = options.versionTimeoutMs ?? 10_000;
+    this.messageTimeoutMs = options.messageTimeoutMs ?? 5000;
     this.dma = new DmaSpace(options.maxDmaMaps ?? Defaults.MAX_DMA_MAPS);
     this.irqs = new IrqTable(device.irqs);
     this.irqs.onChange = (index) => device.irqsChanged?.(index);
@@ -96,10 +124,18 @@ export class VfioUserServer extends EventEmitter implements ServerCore {
    * is listening on, or anything that is not a socket; a stale socket file is replaced.
    */
   static async listen(path: string, device: VfioUserDevice, options: ServerOptions = {}): Promise<VfioUserServer> {
+    const mode = options.mode ?? 0o600;
+    if (!Number.isInteger(mode) || mode < 0 || mode > 0o777) throw new RangeError(`mode must be a file mode from 0 to 0o777, got ${String(mode)}`);
+    for (const key of ['versionTimeoutMs', 'messageTimeoutMs'] as const) {
+      const ms = options[key];
+      if (ms !== undefined && !(Number.isInteger(ms) && ms >= 0 && ms <= 0x7fffffff)) throw new RangeError(`${key} must be an integer number of ms >= 0, got ${String(ms)}`);
+    }
     removeStaleSocket(path);
-    const fd = new Fd(binding.unixListen(path, 8));
+    // The socket file is born with `mode` less the umask (never wider than `mode`); the chmod then
+    // sets exactly `mode`, adding back what the umask took.
+    const fd = new Fd(binding.unixListen(path, LISTEN_BACKLOG, mode));
     try {
-      fs.chmodSync(path, options.mode ?? 0o600);
+      fs.chmodSync(path, mode);
     } catch (err) {
       fd.close();
       throw err;
@@ -136,6 +172,8 @@ export class VfioUserServer extends EventEmitter implements ServerCore {
   /** Stop listening, disconnect the client, drop its state, remove the socket file. */
   close(): Promise<void> {
     this.closing ??= (async () => {
+      if (this.acceptRetry !== null) clearTimeout(this.acceptRetry);
+      this.acceptRetry = null;
       this.poller.close();
       this.listenFd?.close();
       this.listenFd = null;
@@ -162,10 +200,11 @@ export class VfioUserServer extends EventEmitter implements ServerCore {
       try {
         raw = binding.unixAccept(this.listenFd.value);
       } catch (err) {
-        debug('accept failed: %s', (err as Error).message);
+        this.pauseAccept(err as Error);
         return;
       }
       if (raw < 0) return;
+      this.acceptDelay = ACCEPT_RETRY_MS;
       const fd = new Fd(raw);
       if (this.session === null && this.waiting.length === 0) this.startSession(fd);
       else if (this.session !== null && this.session.conn.state === 'open') this.newcomer(fd);
@@ -173,11 +212,30 @@ export class VfioUserServer extends EventEmitter implements ServerCore {
     }
   }
 
+  /**
+   * accept() failed. At the fd limit (EMFILE, ENFILE) or short of memory the connection stays
+   * queued and the listener stays readable, so watching it would spin: stop watching, and look
+   * again after a delay that doubles up to ACCEPT_RETRY_MAX_MS. Queued clients wait in the backlog
+   * and are served once fds are free.
+   */
+  private pauseAccept(err: Error): void {
+    if (this.acceptRetry !== null || this.listenFd === null) return;
+    const delay = this.acceptDelay;
+    debug('accept failed (%s): not accepting for %d ms', err.message, delay);
+    this.acceptDelay = Math.min(delay * 2, ACCEPT_RETRY_MAX_MS);
+    this.poller.stop();
+    this.acceptRetry = setTimeout(() => {
+      this.acceptRetry = null;
+      if (this.listenFd !== null) this.poller.start(binding.pollEvents.READABLE);
+    }, delay);
+  }
+
   private connection(fd: Fd, name: string): Connection {
     return new Connection(fd, {
       name,
       maxRecvFds: this.options.maxMsgFds ?? 16,
       requestTimeoutMs: this.options.requestTimeoutMs ?? 5000,
+      messageTimeoutMs: this.messageTimeoutMs,
       firstMsgId: 1,
       // writableNeedDrain then says whether anything is queued: the session needs to know when the
       // VERSION reply lending the twin socket's fd has gone (Session.closeWhenSent).
@@ -187,7 +245,7 @@ export class VfioUserServer extends EventEmitter implements ServerCore {
 
   private startSession(next: Fd | Newcomer): void {
     const conn = next instanceof Fd ? this.connection(next, 'client') : next.conn;
-    const session = new Session(conn, this);
+    const session = new Session(conn, this, this.versionTimeoutMs);
     this.session = session;
     this.dma.transport = session.transport;
     conn.on('close', (err: Error | null) => this.endSession(session, err));
@@ -211,7 +269,11 @@ export class VfioUserServer extends EventEmitter implements ServerCore {
     const conn = this.connection(fd, 'newcomer');
     const waiter: Newcomer = { conn, held: [] };
     this.newcomers.add(conn);
-    const timer = setTimeout(() => conn.close(), 2000);
+    const silence = this.versionTimeoutMs > 0 ? Math.min(NEWCOMER_TIMEOUT_MS, this.versionTimeoutMs) : NEWCOMER_TIMEOUT_MS;
+    const timer = setTimeout(() => {
+      debug('a second client said nothing within %d ms: closing', silence);
+      conn.close();
+    }, silence);
     timer.unref();
     conn.on('close', () => {
       clearTimeout(timer);

@@ -102,23 +102,31 @@ export class Session {
   private readonly queue: IncomingMessage[] = [];
   private busy = false;
   private closed = false;
+  /** Ends a connection that does not send VERSION in time (null: none running). */
+  private versionTimer: NodeJS.Timeout | null = null;
   /** Reused reply parts for region reads: [echo, data view]. */
   private readonly echo = Buffer.alloc(REGION_ACCESS);
   private readonly readBody: Buffer[] = [this.echo, this.echo];
-  private readBuf = Buffer.alloc(4096);
+  /** Region-read data; allocated by the first read (a connection that never reads costs nothing). */
+  private readBuf = Buffer.alloc(0);
   /** Offset and count of the region access {@link Session.regionFor} validated last. */
   private accessOffset = 0;
   private accessCount = 0;
   /** Cached views of readBuf for small counts (register accesses), so they allocate nothing. */
   private smallViews: Buffer[] = [];
 
+  /** @param versionTimeoutMs close the connection if VERSION has not arrived by then (0: never). */
   constructor(
     readonly conn: Connection,
     readonly core: ServerCore,
+    versionTimeoutMs = 0,
   ) {
-    this.refreshViews();
     conn.onRequest = (msg) => this.onRequest(msg);
     conn.orderedRejects = true;
+    if (versionTimeoutMs > 0) {
+      this.versionTimer = setTimeout(() => this.versionExpired(versionTimeoutMs), versionTimeoutMs);
+      this.versionTimer.unref();
+    }
   }
 
   get device(): VfioUserDevice {
@@ -157,10 +165,23 @@ export class Session {
 
   close(): void {
     this.closed = true;
+    this.stopVersionTimer();
     for (const m of this.queue.splice(0)) m.closeFds();
     this.lent?.close();
     this.lent = null;
     this.twin?.close();
+  }
+
+  private stopVersionTimer(): void {
+    if (this.versionTimer !== null) clearTimeout(this.versionTimer);
+    this.versionTimer = null;
+  }
+
+  private versionExpired(ms: number): void {
+    this.versionTimer = null;
+    if (this.negotiated !== null || this.conn.state !== 'open') return;
+    debug('%s: no VERSION within %d ms: closing', this.conn.name, ms);
+    this.conn.close(new VfioUserError(Errno.ETIMEDOUT, Command.VERSION, 0, `no VERSION within ${ms} ms`));
   }
 
   private onRequest(msg: IncomingMessage): void {
@@ -248,6 +269,7 @@ export class Session {
         this.conn.close(new ProtocolError(`command ${msg.command} before VERSION`));
         return Errno.EINVAL;
       }
+      this.stopVersionTimer();
       return this.version(msg);
     }
     const handler = HANDLERS[msg.command];
@@ -322,6 +344,7 @@ export class Session {
         maxSendFds: 0,
         maxMessageSize: n.maxDataXferSize + 4096,
         requestTimeoutMs: this.conn.requestTimeoutMs,
+        messageTimeoutMs: this.conn.messageTimeoutMs,
         firstMsgId: 1,
       });
     } catch (err) {
@@ -406,7 +429,7 @@ export class Session {
     copyAccess(msg.data, msg.payloadOffset, this.echo);
     if (region.read === undefined) return Errno.EINVAL;
     if (count > this.readBuf.length) {
-      this.readBuf = Buffer.alloc(Math.max(count, this.readBuf.length * 2));
+      this.readBuf = Buffer.alloc(Math.max(count, this.readBuf.length * 2, 4096));
       this.refreshViews();
     }
     const dst = count < this.smallViews.length ? this.smallViews[count]! : this.readBuf.subarray(0, count);

@@ -8,7 +8,12 @@
  *
  * The steady state allocates nothing per message: one reusable {@link IncomingMessage} is filled
  * for each message received, headers are encoded into one preallocated buffer, pending requests
- * live in a fixed 64 Ki-slot table with pooled records, and one re-armable timer sweeps timeouts.
+ * live in a table with pooled records, and one re-armable timer sweeps timeouts.
+ *
+ * A connection that has not said anything costs a few hundred bytes of its own: the receive buffer
+ * is allocated on the first read (4 KiB, growing once to 64 KiB when the peer sends in bulk) and
+ * the request table on the first request (16 slots, doubling while more than half are in use, up
+ * to one per msg_id). Both then stay, so the hot path allocates nothing.
  * The promise-returning {@link Connection.request} is the convenient path; {@link Connection.send}
  * with a long-lived callback is the allocation-free one.
  */
@@ -21,6 +26,8 @@ import { VfioUserError } from '../protocol/errors';
 import { emptyFramedMessage, FramedMessage, Framer, FramingError, HEADER_SIZE } from './framer';
 
 const debug = debuglog('vfio-user:transport');
+/** Shared by every message that has no bytes yet (it has none to overwrite). */
+const NO_BYTES = Buffer.alloc(0);
 
 /** Payload of a message: one buffer, or several sent back to back (header + struct + data...). */
 export type Body = Uint8Array | readonly Uint8Array[] | null | undefined;
@@ -38,6 +45,12 @@ export interface ConnectionOptions {
   highWaterMark?: number;
   /** First msg_id our requests use (QEMU's client starts at 0, libvfio-user's server at 1). */
   firstMsgId?: number;
+  /**
+   * Once the first bytes of a message arrived, the rest must follow within this many ms, or the
+   * connection closes with ETIMEDOUT (it fires between one and two times this after the message
+   * began). 0 (the default): no deadline.
+   */
+  messageTimeoutMs?: number;
   /** A label for debug output. */
   name?: string;
 }
@@ -55,7 +68,7 @@ export class IncomingMessage {
   flags = 0;
   error = 0;
   /** The buffer holding the payload at [payloadOffset, payloadOffset + payloadLength). */
-  data: Buffer = Buffer.alloc(0);
+  data: Buffer = NO_BYTES;
   payloadOffset = 0;
   payloadLength = 0;
   /** True if the message was larger than the connection's limit and its payload was dropped. */
@@ -145,6 +158,7 @@ interface Pending {
   command: number;
   /** Sweep tick at which the request times out (ticks avoid a clock read per request). */
   deadline: number;
+  /** Null once the request timed out: the record then only reserves its msg_id for the late reply. */
   callback: ReplyCallback | null;
   prev: Pending | null;
   next: Pending | null;
@@ -157,12 +171,20 @@ interface Queued {
 }
 
 const MSG_ID_SLOTS = 0x10000;
+/** Request-table size at the first request; it doubles while more than half is in use. */
+const FIRST_SLOTS = 16;
 /** Timeouts are checked every requestTimeoutMs / 8, within these bounds. */
 const MIN_SWEEP_MS = 5;
 const MAX_SWEEP_MS = 500;
 const MAX_READS_PER_WAKEUP = 64;
 const MAX_IOV = 8;
-
+/**
+ * recvmsg's fd output, shared by every connection: room for every fd one sendmsg can carry (so an
+ * over-limit message is refused cleanly instead of truncated by the kernel). The fds are copied
+ * out right after each (synchronous) recvmsg.
+ */
+let fdsOutShared: Int32Array | null = null;
+const sharedHeader = Buffer.alloc(HEADER_SIZE);
 
 function closeRaw(fd: number): void {
   try {
@@ -194,17 +216,25 @@ export class Connection extends EventEmitter {
   private readonly framer: Framer;
   private readonly incoming = new IncomingMessage();
   private readonly framed: FramedMessage = emptyFramedMessage();
-  private readonly fdsOut: Int32Array;
-  private readonly header = Buffer.alloc(HEADER_SIZE);
-  /** iovs[n] is a reusable array of n + 1 entries: the header and n body parts. */
-  private readonly iovs: Uint8Array[][] = [];
+  /**
+   * The header of the message being sent, shared by every connection: it is encoded and handed to
+   * sendmsg in one synchronous step, and a message that has to wait is copied into the send queue.
+   */
+  private readonly header = sharedHeader;
+  /** iovs[n] is a reusable array of n + 1 entries: the header and n body parts (made when first used). */
+  private readonly iovs: (Uint8Array[] | undefined)[] = [];
 
-  private readonly pending: (Pending | null)[] = new Array<Pending | null>(MSG_ID_SLOTS).fill(null);
-  /** Command of a request that timed out, by msg_id (-1: none): its late reply is dropped quietly. */
-  private readonly expired = new Int32Array(MSG_ID_SLOTS).fill(-1);
+  /**
+   * Requests by msg_id, direct-mapped: a request sits at `msgId & (slots.length - 1)`, and msg_ids
+   * are only handed out for free slots. A request that timed out keeps its slot (callback null)
+   * so that its late reply is recognised and dropped quietly. Empty until the first request.
+   */
+  private slots: (Pending | null)[] = [];
   private pendingHead: Pending | null = null;
   private pendingTail: Pending | null = null;
   private pendingCount = 0;
+  /** Timed-out requests still holding their slot. */
+  private expiredCount = 0;
   /** Retired request records, linked through `next` (an array's pop/push would reallocate). */
   private freePending: Pending | null = null;
   private nextMsgId: number;
@@ -218,6 +248,13 @@ export class Connection extends EventEmitter {
   /** Sweep period; coarse on purpose: a timer firing often costs the hot path (measured). */
   private readonly sweepMs: number;
   private closeError: Error | null = null;
+  /** See {@link ConnectionOptions.messageTimeoutMs}. */
+  readonly messageTimeoutMs: number;
+  /** The message-deadline timer (made on the first partial message), and whether it is armed. */
+  private stallTimer: NodeJS.Timeout | null = null;
+  private stallArmed = false;
+  /** `framer.framed` when the timer was armed: unchanged at expiry means no message completed. */
+  private stallMark = 0;
 
   /** Takes ownership of `socket` (a connected, non-blocking unix stream socket). */
   constructor(socket: Fd, options: ConnectionOptions = {}) {
@@ -231,10 +268,7 @@ export class Connection extends EventEmitter {
     this.highWaterMark = options.highWaterMark ?? 1024 * 1024;
     this.nextMsgId = (options.firstMsgId ?? 0) & 0xffff;
     this.name = options.name ?? `fd${socket.value}`;
-    // Room for every fd one sendmsg can carry, so an over-limit message is refused cleanly
-    // (error reply, fds closed) instead of truncated by the kernel.
-    this.fdsOut = new Int32Array(binding.constants.SCM_MAX_FD + 1);
-    for (let n = 0; n <= MAX_IOV; n++) this.iovs.push(new Array<Uint8Array>(n + 1).fill(this.header));
+    this.messageTimeoutMs = options.messageTimeoutMs ?? 0;
     this.poller = new binding.Poller(socket.value, (status, events) => this.onPoll(status, events));
     this.watch();
   }
@@ -291,6 +325,7 @@ export class Connection extends EventEmitter {
       callback(new VfioUserError(Errno.EAGAIN, command, 0, 'too many requests in flight'), null);
       return -1;
     }
+    if ((this.pendingCount + this.expiredCount) * 2 >= this.slots.length && this.slots.length < MSG_ID_SLOTS) this.growSlots();
     const msgId = this.allocMsgId();
     let p = this.freePending;
     if (p !== null) this.freePending = p.next;
@@ -346,16 +381,20 @@ export class Connection extends EventEmitter {
     this.socket.close();
     if (this.sweepTimer !== null) clearInterval(this.sweepTimer);
     this.sweepTimer = null;
+    if (this.stallTimer !== null) clearTimeout(this.stallTimer);
+    this.stallTimer = null;
     this.sendQueue.length = 0;
     this.queuedBytes = 0;
     for (const fd of this.framer.drainFds()) closeRaw(fd);
+    this.framer.release();
     this.incoming.closeFds();
     let p = this.pendingHead;
     this.pendingHead = this.pendingTail = null;
+    this.slots = [];
+    this.expiredCount = 0;
     while (p !== null) {
       const next = p.next;
       const cb = p.callback!;
-      this.pending[p.msgId] = null;
       this.pendingCount--;
       cb(this.closedError(p.command, p.msgId), null);
       p = next;
@@ -365,15 +404,42 @@ export class Connection extends EventEmitter {
 
   // ---- sending ----
 
+  /** The next msg_id whose slot is free (any id before the first request: posts need no slot). */
   private allocMsgId(): number {
     let id = this.nextMsgId;
-    for (let tries = 0; this.pending[id] !== null || this.expired[id]! >= 0; tries++) {
-      // Every free id is held by a timed-out request: forget those, their replies are long overdue.
-      if (tries === MSG_ID_SLOTS) this.expired.fill(-1);
-      id = (id + 1) & 0xffff;
+    const slots = this.slots;
+    if (slots.length !== 0) {
+      const mask = slots.length - 1;
+      for (let tries = 0; slots[id & mask] !== null; tries++) {
+        // Every free id is held by a timed-out request: forget those, their replies are long overdue.
+        if (tries === MSG_ID_SLOTS) this.forgetExpired();
+        id = (id + 1) & 0xffff;
+      }
     }
     this.nextMsgId = (id + 1) & 0xffff;
     return id;
+  }
+
+  /** Double the request table (or make it): ids distinct in the old mask stay distinct. */
+  private growSlots(): void {
+    const old = this.slots;
+    const size = old.length === 0 ? FIRST_SLOTS : old.length * 2;
+    const slots = new Array<Pending | null>(size).fill(null);
+    for (const p of old) if (p !== null) slots[p.msgId & (size - 1)] = p;
+    this.slots = slots;
+  }
+
+  /** Free the slots of every timed-out request. */
+  private forgetExpired(): void {
+    const slots = this.slots;
+    for (let i = 0; i < slots.length; i++) {
+      const p = slots[i]!;
+      if (p !== null && p.callback === null) {
+        slots[i] = null;
+        this.poolPending(p);
+      }
+    }
+    this.expiredCount = 0;
   }
 
   private transmit(msgId: number, command: number, flags: number, error: number, body: Body, fds: readonly number[] | null): void {
@@ -383,14 +449,14 @@ export class Connection extends EventEmitter {
     let iov: Uint8Array[];
     let size = HEADER_SIZE;
     if (body == null) {
-      iov = this.iovs[0]!;
+      iov = this.iovs[0] ?? this.makeIov(0);
     } else if (body instanceof Uint8Array) {
-      iov = this.iovs[1]!;
+      iov = this.iovs[1] ?? this.makeIov(1);
       iov[1] = body;
       size += body.length;
     } else {
       if (body.length > MAX_IOV) throw new RangeError(`at most ${MAX_IOV} body parts per message`);
-      iov = this.iovs[body.length]!;
+      iov = this.iovs[body.length] ?? this.makeIov(body.length);
       for (let i = 0; i < body.length; i++) {
         iov[i + 1] = body[i]!;
         size += body[i]!.length;
@@ -437,13 +503,19 @@ export class Connection extends EventEmitter {
     this.watch();
   }
 
+  private makeIov(parts: number): Uint8Array[] {
+    const iov = new Array<Uint8Array>(parts + 1).fill(this.header);
+    this.iovs[parts] = iov;
+    return iov;
+  }
+
   /** Drop references to the caller's buffers so the reusable arrays keep nothing alive. */
   private clearIov(iov: Uint8Array[]): void {
     for (let i = 1; i < iov.length; i++) iov[i] = this.header;
   }
 
   private flush(): void {
-    const one = this.iovs[0]!;
+    const one = this.iovs[0] ?? this.makeIov(0);
     while (this.sendQueue.length > 0 && this.state === 'open') {
       const q = this.sendQueue[0]!;
       one[0] = q.sent === 0 ? q.bytes : q.bytes.subarray(q.sent);
@@ -489,7 +561,7 @@ export class Connection extends EventEmitter {
 
   private readSome(): void {
     const framer = this.framer;
-    const fdsOut = this.fdsOut;
+    const fdsOut = (fdsOutShared ??= new Int32Array(binding.constants.SCM_MAX_FD + 1));
     for (let i = 0; i < MAX_READS_PER_WAKEUP && this.state === 'open'; i++) {
       framer.prepare();
       let n: number;
@@ -516,12 +588,41 @@ export class Connection extends EventEmitter {
       framer.commit(n, fds);
       this.closeStrayFds();
       this.dispatchAll();
+      if (this.messageTimeoutMs > 0 && !this.stallArmed && framer.partial && this.state === 'open') this.armStall();
       // A short read took everything queued (a stream socket fills the buffer when it can), so
       // skip the recvmsg that would only say EAGAIN; the level-triggered poll calls again if more
       // arrived meanwhile, or if the read stopped early at an fd-carrying message.
       if (drained) return;
     }
   }
+
+  /**
+   * The message deadline: one timer, armed when a read leaves a message incomplete and none is
+   * armed. At expiry, if no message completed since and one is still incomplete, the peer stalled;
+   * if messages did complete, a newer one may be incomplete: re-arm for it. So a started message
+   * gets between one and two periods, and a busy connection touches the timer once per period.
+   */
+  private armStall(): void {
+    this.stallArmed = true;
+    this.stallMark = this.framer.framed;
+    if (this.stallTimer === null) {
+      this.stallTimer = setTimeout(this.onStall, this.messageTimeoutMs);
+      this.stallTimer.unref();
+    } else {
+      this.stallTimer.refresh();
+    }
+  }
+
+  private readonly onStall = (): void => {
+    this.stallArmed = false;
+    if (this.state !== 'open' || !this.framer.partial) return;
+    if (this.framer.framed !== this.stallMark) {
+      this.armStall();
+      return;
+    }
+    debug('%s: a message was started and not completed within %d ms', this.name, this.messageTimeoutMs);
+    this.fail(new VfioUserError(Errno.ETIMEDOUT, 0, 0, `a message was started and not completed within ${this.messageTimeoutMs} ms`));
+  };
 
   private closeStrayFds(): void {
     if (this.framer.strayFds.length === 0) return;
@@ -586,13 +687,21 @@ export class Connection extends EventEmitter {
   }
 
   private onReply(msg: IncomingMessage): void {
-    const p = this.pending[msg.msgId];
-    if (p == null && this.expired[msg.msgId] === msg.command) {
-      this.expired[msg.msgId] = -1;
-      debug('%s: dropped late reply %d to command %d', this.name, msg.msgId, msg.command);
-      return;
+    const slots = this.slots;
+    const slot = slots.length === 0 ? null : slots[msg.msgId & (slots.length - 1)]!;
+    let p = slot !== null && slot.msgId === msg.msgId ? slot : null;
+    if (p !== null && p.callback === null) {
+      // The request timed out; the slot only waited for this late reply.
+      if (p.command === msg.command) {
+        slots[msg.msgId & (slots.length - 1)] = null;
+        this.expiredCount--;
+        this.poolPending(p);
+        debug('%s: dropped late reply %d to command %d', this.name, msg.msgId, msg.command);
+        return;
+      }
+      p = null;
     }
-    if (p == null || p.command !== msg.command) {
+    if (p === null || p.command !== msg.command) {
       this.fail(new VfioUserError(Errno.EPROTO, msg.command, msg.msgId, p == null ? 'reply to no outstanding request' : `reply carries command ${msg.command}, request was ${p.command}`));
       return;
     }
@@ -609,7 +718,7 @@ export class Connection extends EventEmitter {
   // ---- pending requests and timeouts ----
 
   private linkPending(p: Pending): void {
-    this.pending[p.msgId] = p;
+    this.slots[p.msgId & (this.slots.length - 1)] = p;
     this.pendingCount++;
     p.next = null;
     p.prev = this.pendingTail;
@@ -618,20 +727,30 @@ export class Connection extends EventEmitter {
     this.pendingTail = p;
   }
 
-  /** Unlink `p`, return it to the pool, and hand back its callback. */
+  /** Unlink `p`, free its slot, return it to the pool, and hand back its callback. */
   private retirePending(p: Pending): ReplyCallback {
+    const cb = this.unlinkPending(p);
+    this.slots[p.msgId & (this.slots.length - 1)] = null;
+    this.poolPending(p);
+    return cb;
+  }
+
+  /** Take `p` off the pending list (it keeps its slot), and hand back its callback. */
+  private unlinkPending(p: Pending): ReplyCallback {
     const cb = p.callback!;
-    this.pending[p.msgId] = null;
     this.pendingCount--;
     if (p.prev !== null) p.prev.next = p.next;
     else this.pendingHead = p.next;
     if (p.next !== null) p.next.prev = p.prev;
     else this.pendingTail = p.prev;
     p.callback = null;
+    return cb;
+  }
+
+  private poolPending(p: Pending): void {
     p.prev = null;
     p.next = this.freePending;
     this.freePending = p;
-    return cb;
   }
 
   /**
@@ -661,8 +780,10 @@ export class Connection extends EventEmitter {
       const next = p.next;
       if (p.deadline <= now) {
         const { command, msgId } = p;
-        this.expired[msgId] = command;
-        this.retirePending(p)(new VfioUserError(Errno.ETIMEDOUT, command, msgId, `no reply within the timeout`), null);
+        // The record keeps its slot (callback null) until the late reply comes or ids run out.
+        const cb = this.unlinkPending(p);
+        this.expiredCount++;
+        cb(new VfioUserError(Errno.ETIMEDOUT, command, msgId, `no reply within the timeout`), null);
       }
       p = next;
     }

@@ -16,9 +16,20 @@
 
 export const HEADER_SIZE = 16;
 const MSG_SIZE_OFFSET = 4;
-const INITIAL_CAPACITY = 64 * 1024;
-/** Read at least this much per recvmsg, so many small messages arrive in one call. */
+/**
+ * The buffer is allocated when the first bytes arrive, small: a connection that never speaks (or
+ * only hangs up) costs nothing here, and one that only negotiates (or is turned away) a few KiB.
+ * Until then reads go to one scratch buffer shared by every framer, and {@link Framer.commit}
+ * copies what arrived into the framer's own buffer. Once a read fills the buffer (the peer sends in
+ * bulk) it grows once to FULL_CAPACITY, and reads ask for MIN_READ.
+ */
+const FIRST_CAPACITY = 4 * 1024;
+const FIRST_READ = 1024;
+const FULL_CAPACITY = 64 * 1024;
+/** Read at least this much per recvmsg once in bulk, so many small messages arrive in one call. */
 const MIN_READ = 16 * 1024;
+const EMPTY = Buffer.alloc(0);
+let scratch: Buffer | null = null;
 
 export interface FramedMessage {
   msgId: number;
@@ -45,7 +56,7 @@ export function emptyFramedMessage(): FramedMessage {
     size: 0,
     flags: 0,
     error: 0,
-    data: Buffer.alloc(0),
+    data: EMPTY,
     payloadOffset: 0,
     payloadLength: 0,
     oversized: false,
@@ -69,8 +80,10 @@ interface FdBatch {
 
 export class Framer {
   /** Receive buffer; bytes [readOffset, writeOffset) are received and not yet framed. */
-  buffer: Buffer = Buffer.allocUnsafe(INITIAL_CAPACITY);
+  buffer: Buffer = EMPTY;
   writeOffset = 0;
+  /** Messages framed so far (an oversized one counts when its header is framed). */
+  framed = 0;
   private readOffset = 0;
   /** Absolute stream offset of buffer[0]. */
   private base = 0;
@@ -78,6 +91,8 @@ export class Framer {
   private scanPos = 0;
   /** Payload bytes of an oversized message still to discard. */
   private skipping = 0;
+  /** Smallest read {@link prepare} makes room for: FIRST_READ, then MIN_READ once in bulk. */
+  private minRead = FIRST_READ;
   private readonly fdBatches: FdBatch[] = [];
   /** Fds that no message can own; the owner must close them. */
   strayFds: number[] = [];
@@ -95,13 +110,23 @@ export class Framer {
     return this.writeOffset - this.readOffset;
   }
 
-  /** Make room for the next read: at least MIN_READ, or the rest of the message being received. */
+  /** True while a message has begun to arrive and is not complete (or not yet fully skipped). */
+  get partial(): boolean {
+    return this.writeOffset > this.readOffset || this.skipping > 0;
+  }
+
+  /** Make room for the next read: at least `minRead`, or the rest of the message being received. */
   prepare(): void {
     if (this.readOffset === this.writeOffset) {
       this.base += this.readOffset;
       this.readOffset = this.writeOffset = 0;
+      if (this.buffer.length === 0 || this.buffer === scratch) {
+        // Nothing received yet: read into the shared scratch (commit copies out what arrives).
+        this.buffer = scratch ??= Buffer.allocUnsafe(FIRST_CAPACITY);
+        return;
+      }
     }
-    let want = MIN_READ;
+    let want = this.minRead;
     const pending = this.writeOffset - this.readOffset;
     if (this.skipping === 0 && pending >= HEADER_SIZE) {
       const size = this.buffer.readUInt32LE(this.readOffset + MSG_SIZE_OFFSET);
@@ -112,7 +137,7 @@ export class Framer {
     if (this.readOffset > 0 && needed <= this.buffer.length) {
       this.buffer.copyWithin(0, this.readOffset, this.writeOffset);
     } else {
-      let capacity = this.buffer.length * 2;
+      let capacity = Math.max(this.buffer.length * 2, this.minRead === MIN_READ ? FULL_CAPACITY : FIRST_CAPACITY);
       while (capacity < needed) capacity *= 2;
       const grown = Buffer.allocUnsafe(capacity);
       this.buffer.copy(grown, 0, this.readOffset, this.writeOffset);
@@ -125,6 +150,14 @@ export class Framer {
 
   /** Record `length` bytes written at `writeOffset` by one recvmsg, with the fds it returned. */
   commit(length: number, fds: number[] | null): void {
+    if (this.buffer === scratch) {
+      const own = Buffer.allocUnsafe(FIRST_CAPACITY);
+      scratch.copy(own, 0, 0, length);
+      this.buffer = own;
+    }
+    // A read that filled the room: the peer sends in bulk, so read in bulk from now on (the buffer
+    // grows once, at the next prepare that lacks room).
+    if (length === this.buffer.length - this.writeOffset && this.minRead !== MIN_READ) this.minRead = MIN_READ;
     const chunkStart = this.base + this.writeOffset;
     this.writeOffset += length;
     const chunkEnd = this.base + this.writeOffset;
@@ -203,6 +236,7 @@ export class Framer {
       this.readOffset += size;
       out.payloadLength = size - HEADER_SIZE;
     }
+    this.framed++;
     return true;
   }
 
@@ -219,6 +253,14 @@ export class Framer {
       return fds;
     }
     return null;
+  }
+
+  /** Let go of the receive buffer (the connection closed); bytes not yet framed are dropped. */
+  release(): void {
+    this.buffer = EMPTY;
+    this.base += this.writeOffset;
+    this.readOffset = this.writeOffset = 0;
+    this.skipping = 0;
   }
 
   /** Hand over every fd the framer still holds (on close): undelivered batches and stray fds. */

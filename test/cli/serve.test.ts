@@ -36,6 +36,41 @@ describe('vfio-user (CLI)', () => {
     }
   });
 
+  it('refuses bad deadline options with exit code 2 and a reason', () => {
+    for (const args of [['--version-timeout', '1.5'], ['--message-timeout', 'soon']]) {
+      const r = run('serve', 'gpio', '/tmp/gpio-test.sock', ...args);
+      expect(r.status, args.join(' ')).toBe(2);
+      expect(r.stderr).toMatch(/vfio-user serve: --(version|message)-timeout must be an integer/);
+    }
+  });
+
+  it('serve --version-timeout: a client that says nothing is dropped, with a line saying why', async () => {
+    const { dir, path: socket } = tempSocketPath('gpio.sock');
+    const child = spawn(process.execPath, [cli, 'serve', 'gpio', socket, '--version-timeout', '200', '--message-timeout', '200'], { stdio: ['ignore', 'pipe', 'inherit'] });
+    const lines = readline.createInterface({ input: child.stdout! });
+    const seen: string[] = [];
+    const saw = (re: RegExp) => new Promise<void>((res) => {
+      const check = () => {
+        if (seen.some((l) => re.test(l))) res();
+      };
+      lines.on('line', (l) => {
+        seen.push(l);
+        check();
+      });
+      check();
+    });
+    try {
+      await saw(/^attach with/);
+      const silent = await rawClient(socket, false);
+      await saw(/^client disconnected: no VERSION within 200 ms$/);
+      silent.close();
+    } finally {
+      child.kill('SIGTERM');
+      expect(await new Promise((res) => child.on('exit', res))).toBe(0);
+      fs.rmSync(dir, { recursive: true, force: true });
+    }
+  });
+
   it('refuses bad nvme options with exit code 2 and a reason', () => {
     for (const args of [['--size', '1X'], ['--block-size', '1024'], ['--queues', '65'], ['--doorbells', 'magic'], ['--size', '1000']]) {
       const r = run('serve', 'nvme', '/tmp/nvme-test.sock', ...args);

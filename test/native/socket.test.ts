@@ -104,6 +104,49 @@ describe('unix sockets', () => {
     }
   });
 
+  it('creates the socket file with the mode asked for less the umask, never wider (fchmod before bind)', () => {
+    const old = process.umask(0);
+    try {
+      for (const mode of [0o600, 0o660, 0o700, 0o777, 0]) {
+        const where = socketPath();
+        track(binding.unixListen(where, 1, mode));
+        expect((fs.statSync(where).mode & 0o777).toString(8)).toBe(mode.toString(8));
+      }
+      process.umask(0o077);
+      const where = socketPath();
+      track(binding.unixListen(where, 1, 0o666));
+      expect(fs.statSync(where).mode & 0o777).toBe(0o600);
+      // Without a mode, the umask alone decides (as before).
+      const plain = socketPath();
+      track(binding.unixListen(plain, 1));
+      expect(fs.statSync(plain).mode & 0o777).toBe(0o700);
+    } finally {
+      process.umask(old);
+    }
+  });
+
+  it('refuses a mode that is not a permission mask, creating nothing', () => {
+    const where = socketPath();
+    expect(() => binding.unixListen(where, 1, 0o1000)).toThrow(RangeError);
+    expect(() => binding.unixListen(where, 1, -1)).toThrow(RangeError);
+    expect(() => binding.unixListen(where, 1, '600' as unknown as number)).toThrow(TypeError);
+    expect(fs.existsSync(where)).toBe(false);
+  });
+
+  it('queues a burst of connects up to the backlog; past it, a non-blocking connect gets EAGAIN', () => {
+    const where = socketPath();
+    const listener = track(binding.unixListen(where, 511));
+    for (let i = 0; i < 64; i++) track(binding.unixConnect(where));
+    const small = socketPath();
+    track(binding.unixListen(small, 2));
+    expect(() => {
+      for (let i = 0; i < 8; i++) track(binding.unixConnect(small));
+    }).toThrow(expect.objectContaining({ code: 'EAGAIN', syscall: 'connect' }));
+    let accepted = 0;
+    for (let fd; (fd = binding.unixAccept(listener)) !== WOULD_BLOCK; accepted++) track(fd);
+    expect(accepted).toBe(64);
+  });
+
   it('accept on a socket that is not listening throws EINVAL', () => {
     const [a, b] = binding.socketpair().map(track);
     expect(() => binding.unixAccept(a!)).toThrow(

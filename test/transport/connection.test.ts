@@ -166,6 +166,37 @@ describe('Connection: failures', () => {
     expect(conn.state).toBe('open');
   });
 
+  it('keeps the msg_ids of timed-out requests reserved while the request table grows', async () => {
+    const [conn, raw] = rawPair({ requestTimeoutMs: 50 });
+    const timedOut = await Promise.all([1, 2, 3].map(() => conn.request(Command.DEVICE_RESET).catch((e: unknown) => e)));
+    expect(timedOut.map((e) => (e as VfioUserError).errno)).toEqual([Errno.ETIMEDOUT, Errno.ETIMEDOUT, Errno.ETIMEDOUT]);
+    const old = await readRaw(raw, 48);
+    const oldIds = [0, 16, 32].map((at) => old.readUInt16LE(at));
+    // 100 more in flight: the table grows from 16 slots to 256 with the expired ones in it.
+    const pending = Array.from({ length: 100 }, () => conn.request(Command.REGION_READ, null, { timeoutMs: 60_000 }));
+    const sent = await readRaw(raw, 100 * 16);
+    const ids = Array.from({ length: 100 }, (_, i) => sent.readUInt16LE(i * 16));
+    expect(new Set([...ids, ...oldIds]).size).toBe(103);
+    // Late replies to the timed-out ones are dropped quietly; the rest are matched.
+    for (const id of oldIds) sendRaw(raw, header(id, Command.DEVICE_RESET, 16, HeaderFlags.TYPE_REPLY));
+    for (const id of ids.reverse()) sendRaw(raw, header(id, Command.REGION_READ, 16, HeaderFlags.TYPE_REPLY));
+    expect(await Promise.all(pending)).toHaveLength(100);
+    expect(conn.state).toBe('open');
+    expect(conn.inFlight).toBe(0);
+  });
+
+  it('closes a connection whose peer starts a message and stops (messageTimeoutMs)', async () => {
+    const [conn, raw] = rawPair({ messageTimeoutMs: 100 });
+    conn.onRequest = (msg, c) => c.reply(msg);
+    const closed = new Promise<Error | null>((r) => conn.once('close', r));
+    // Whole messages, however far apart, are no stall.
+    sendRaw(raw, header(1, Command.DEVICE_GET_INFO, 16));
+    await tick(250);
+    expect(conn.state).toBe('open');
+    sendRaw(raw, header(2, Command.DEVICE_GET_INFO, 32).subarray(0, 8));
+    expect(await closed).toMatchObject({ errno: Errno.ETIMEDOUT });
+  });
+
   it('fails every pending request when the peer closes, including mid-message', async () => {
     const [conn, raw] = rawPair();
     const p1 = conn.request(Command.REGION_READ, Buffer.alloc(16));

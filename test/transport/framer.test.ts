@@ -128,6 +128,47 @@ describe('Framer', () => {
     seen.forEach((s, i) => expect(s.payload.equals(msgs[i]!.subarray(16))).toBe(true));
   });
 
+  it('owns no buffer until bytes arrive, a few KiB for small messages, and grows once for bulk', () => {
+    const framer = new Framer(1 << 20);
+    expect(framer.buffer.length).toBe(0);
+    // Room is made in a scratch buffer shared by every framer; nothing arrived, nothing is kept.
+    framer.prepare();
+    const scratch = framer.buffer;
+    expect(scratch.length).toBeGreaterThan(0);
+    expect(new Framer(1 << 20).buffer.length).toBe(0);
+    framer.push(message(1, 1, 200));
+    expect(framer.buffer).not.toBe(scratch);
+    expect(framer.buffer.length).toBeLessThanOrEqual(4096);
+    expect(drain(framer).map((s) => s.msgId)).toEqual([1]);
+    // Reads that fill the room: the buffer grows once, then stays (no allocation per message).
+    const bulk = Buffer.concat(Array.from({ length: 400 }, (_, i) => message(i, 2, 64)));
+    framer.push(bulk);
+    expect(drain(framer)).toHaveLength(400);
+    const grown = framer.buffer;
+    expect(grown.length).toBe(64 * 1024);
+    framer.push(bulk);
+    expect(drain(framer)).toHaveLength(400);
+    expect(framer.buffer).toBe(grown);
+  });
+
+  it('counts framed messages and says whether one is partly received', () => {
+    const framer = new Framer(1024);
+    const m = message(1, 2, 40);
+    framer.push(m.subarray(0, 10));
+    expect([framer.partial, framer.framed]).toEqual([true, 0]);
+    framer.push(m.subarray(10));
+    expect(drain(framer)).toHaveLength(1);
+    expect([framer.partial, framer.framed]).toEqual([false, 1]);
+    // An oversized message counts at its header and stays partial until its payload is skipped.
+    const big = message(2, 2, 2000);
+    framer.push(big.subarray(0, 100));
+    expect(drain(framer)).toHaveLength(1);
+    expect([framer.partial, framer.framed]).toEqual([true, 2]);
+    framer.push(big.subarray(100));
+    expect(drain(framer)).toHaveLength(0);
+    expect(framer.partial).toBe(false);
+  });
+
   it('drainFds returns fds of messages never completed', () => {
     const framer = new Framer(1 << 20);
     framer.push(message(1, 2, 32).subarray(0, 20), [11, 12]);
