@@ -20,7 +20,8 @@ import * as os from 'node:os';
 import { debuglog } from 'node:util';
 import { binding } from '../native/binding';
 import { Fd } from '../native/fd';
-import { Defaults, Errno } from '../protocol/constants';
+import { Command, Defaults, Errno } from '../protocol/constants';
+import { VfioUserError } from '../protocol/errors';
 import type { CapabilitiesInput } from '../protocol/capabilities';
 import { Connection, type IncomingMessage } from '../transport/connection';
 import type { ResetReason, VfioUserDevice } from './device';
@@ -115,6 +116,15 @@ export class VfioUserServer extends EventEmitter implements ServerCore {
     this.irqs.onChange = (index) => device.irqsChanged?.(index);
     this.migration = device.migration ? new Migration(device.migration) : null;
     device.attach({ dma: this.dma, irqs: this.irqs });
+    // A client that truncated memory it shared with us lied about it: the map is poisoned (its
+    // DMA fails with EFAULT) and the client is let go; the device is reset as for any hang-up.
+    this.dma.onPoison = (region) => {
+      const why = `the client truncated the memory of DMA map 0x${region.iova.toString(16)}+0x${region.size.toString(16)}`;
+      debug('%s: disconnecting it', why);
+      const conn = this.session?.conn;
+      // Not from inside the device's DMA path that noticed it: from the event loop.
+      setImmediate(() => conn?.close(new VfioUserError(Errno.EFAULT, Command.DMA_MAP, 0, why)));
+    };
     this.poller = new binding.Poller(listenFd.value, () => this.acceptAll());
     this.poller.start(binding.pollEvents.READABLE);
   }
@@ -302,6 +312,9 @@ export class VfioUserServer extends EventEmitter implements ServerCore {
   private endSession(session: Session, error: Error | null): void {
     session.close();
     this.cleanup = (async () => {
+      // The command that was running finishes before the device is reset under it (bounded: a
+      // device callback that never settles must not keep the next client out for ever).
+      if (!(await settlesWithin(session.idle(), IDLE_WAIT_MS))) debug('a command still runs %d ms after the client left: resetting anyway', IDLE_WAIT_MS);
       this.irqs.clear();
       this.dma.transport = null;
       this.migration?.abortSession();
@@ -321,6 +334,21 @@ export class VfioUserServer extends EventEmitter implements ServerCore {
       if (next !== undefined && this.closing === null) this.startSession(next);
     })();
   }
+}
+
+/** How long a departed client's last command may run before the device is reset anyway. */
+const IDLE_WAIT_MS = 5000;
+
+/** True if `p` settles within `ms`. */
+function settlesWithin(p: Promise<unknown>, ms: number): Promise<boolean> {
+  return new Promise((resolve) => {
+    const timer = setTimeout(() => resolve(false), ms);
+    const done = () => {
+      clearTimeout(timer);
+      resolve(true);
+    };
+    p.then(done, done);
+  });
 }
 
 /** Remove a socket file nobody listens on; refuse to touch a live socket or a non-socket. */

@@ -102,6 +102,8 @@ export class Session {
   private readonly queue: IncomingMessage[] = [];
   private busy = false;
   private closed = false;
+  /** Settles when the command running now (if any) has finished, reply or not. */
+  private running: Promise<void> = Promise.resolve();
   /** Ends a connection that does not send VERSION in time (null: none running). */
   private versionTimer: NodeJS.Timeout | null = null;
   /** Reused reply parts for region reads: [echo, data view]. */
@@ -163,6 +165,15 @@ export class Session {
     },
   };
 
+  /**
+   * Settles once the command in progress has finished (at once if none is): after close(), the
+   * device is no longer being driven by this client. A REGION_WRITE_MULTI half done when the
+   * client hung up completes first, so the device's reset comes after it, never in its middle.
+   */
+  idle(): Promise<void> {
+    return this.running;
+  }
+
   close(): void {
     this.closed = true;
     this.stopVersionTimer();
@@ -207,7 +218,7 @@ export class Session {
     const kept = msg.detach();
     kept.closeFds();
     this.busy = true;
-    result
+    this.running = result
       .catch((err: unknown) => this.errnoOf(err, kept))
       .then((r) => {
         if (!this.closed) this.finish(kept, r);

@@ -10,9 +10,10 @@ import { createMemfd } from '../../lib/native/memfd';
 import { Mapping } from '../../lib/native/mapping';
 import { Command, DmaMapFlags, Errno } from '../../lib/protocol/constants';
 import type { DmaRegion } from '../../lib/server/dma';
-import type { TestDevice } from '../helpers/server';
+
 import { countOpenFds, useFdLeakCheck } from '../helpers/fds';
 import { defer, dmaErrno, dmaMap, setup, useTeardown } from './support';
+import { rawClient, regionAccess, type TestDevice } from '../helpers/server';
 
 useFdLeakCheck();
 useTeardown();
@@ -114,6 +115,25 @@ describe('DMA_MAP: memory the client truncates', () => {
     expect(await dmaErrno(() => dma.acquireRange(0x100000, PAGE, true))).toBe(Errno.EFAULT);
     expect(poisoned.map((r) => r.iova)).toEqual([0x100000]);
     expect(server.dma).toBe(dma);
+  });
+
+  it('disconnects the client that truncated its memory, resets the device, and serves the next', async () => {
+    const { client, device, server, socketPath } = await setup();
+    const fd = sparse('liar', 4 * PAGE);
+    expect(await client.msg(Command.DMA_MAP, dmaMap(RW, 0, 4 * PAGE), [fd.value])).toBeInstanceOf(Buffer);
+    const gone = new Promise<Error | null>((resolve) => server.once('disconnect', resolve));
+    const view = dmaOf(device).view(0, PAGE, true);
+    fs.ftruncateSync(fd.value, 0);
+    view.fill(9); // the device's DMA lands after the truncation
+    expect(dmaOf(device).isPoisoned(0)).toBe(true);
+    const error = await gone;
+    expect(error).toMatchObject({ errno: Errno.EFAULT });
+    expect(String(error?.message)).toMatch(/truncated the memory of DMA map 0x0\+0x4000/);
+    expect(device.calls).toContain('reset lost-connection');
+    expect(dmaOf(device).count).toBe(0);
+    const next = await rawClient(socketPath);
+    defer(() => next.close());
+    expect(await next.msg(Command.REGION_READ, regionAccess(7, 0, 4))).toBeInstanceOf(Buffer);
   });
 
   it('records whether a map is sealed against shrinking (such maps cannot be poisoned)', async () => {

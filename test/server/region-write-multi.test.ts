@@ -126,3 +126,26 @@ describe('REGION_WRITE_MULTI: writes', () => {
     expect(device.calls).toEqual(['bar0 write 4 1', 'bar0 write 5 1']);
   });
 });
+
+describe('REGION_WRITE_MULTI: a client that hangs up in the middle', () => {
+  it('finishes the batch before the device is reset (never writes after the reset)', async () => {
+    const device = new TestDevice();
+    const bar0 = device.regions[0]!;
+    // Each write takes a while, as a device callback that waits on its backend would.
+    (device.regions as typeof device.regions)[0] = {
+      ...bar0,
+      write: async (offset, src) => {
+        await new Promise((resolve) => setTimeout(resolve, 20));
+        return bar0.write!(offset, src);
+      },
+    };
+    const { client, server } = await setup(device);
+    const gone = new Promise((resolve) => server.once('disconnect', resolve));
+    const batch = [0, 1, 2].map((i) => ({ offset: i, region: 0, data: [i + 1] }));
+    void client.msg(Command.REGION_WRITE_MULTI, writeMulti(batch)).catch(() => undefined);
+    await new Promise((resolve) => setTimeout(resolve, 5)); // the first write is under way
+    client.close();
+    await gone;
+    expect(device.calls).toEqual(['bar0 write 0 1', 'bar0 write 1 1', 'bar0 write 2 1', 'reset lost-connection']);
+  });
+});
