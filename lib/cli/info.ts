@@ -5,7 +5,8 @@ import { VfioUserClient } from '../client/client';
 import { PciFunction } from '../client/pci';
 import { DeviceFlags, IrqInfoFlags, RegionInfoFlags } from '../protocol/constants';
 import { CapId, Cfg, ExtCapId, Rom } from '../pci/ids';
-import type { CliCommand } from './main';
+import type { CliCommand } from './command';
+import { connectErrorMessage } from './messages';
 
 const USAGE = `Usage: vfio-user info SOCKET [options]
 
@@ -174,7 +175,8 @@ export const infoCommand: CliCommand = {
   options: { json: { type: 'boolean' }, timeout: { type: 'string' } },
   async run(positionals, values) {
     if (positionals.length !== 1) {
-      console.error(USAGE);
+      const why = positionals.length === 0 ? 'SOCKET is required' : `unexpected argument '${positionals[1]!}' (info takes one SOCKET)`;
+      console.error(`vfio-user info: ${why}\n\n${USAGE}`);
       return 2;
     }
     const timeoutMs = values.timeout === undefined ? 5000 : Number(values.timeout);
@@ -186,7 +188,7 @@ export const infoCommand: CliCommand = {
     try {
       report = await describeDevice(positionals[0]!, timeoutMs);
     } catch (err) {
-      console.error(`vfio-user info: ${positionals[0]}: ${(err as Error).message}`);
+      console.error(`vfio-user info: ${positionals[0]!}: ${connectErrorMessage(err, positionals[0]!)}`);
       return 1;
     }
     console.log(values.json ? JSON.stringify(report, null, 2) : formatReport(report));

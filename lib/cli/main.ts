@@ -3,18 +3,11 @@
  * The `vfio-user` command: argument parsing and wiring only. Each subcommand lives in its own
  * module and exports a {@link CliCommand}.
  */
-import { parseArgs, type ParseArgsConfig } from 'node:util';
+import { parseArgs } from 'node:util';
+import type { CliCommand, OptionValues } from './command';
 import { infoCommand } from './info';
 import { serveCommand } from './serve';
 import { nvmeCommand } from './nvme';
-
-export interface CliCommand {
-  name: string;
-  summary: string;
-  usage: string;
-  options: NonNullable<ParseArgsConfig['options']>;
-  run(positionals: string[], values: Record<string, string | boolean | undefined>): Promise<number>;
-}
 
 const COMMANDS: CliCommand[] = [serveCommand, infoCommand, nvmeCommand];
 
@@ -26,25 +19,34 @@ function mainHelp(): string {
     'Commands:',
     ...COMMANDS.map((c) => `  ${c.name.padEnd(width)}  ${c.summary}`),
     '',
+    'Options:',
+    '  -h, --help     show this help',
+    '  --version      print the version',
+    '',
     "Run 'vfio-user <command> --help' for a command's options.",
+    'Exit codes: 0 ok, 1 failure, 2 usage error (the reason and the usage go to standard error).',
   ].join('\n');
 }
 
-/** Exit code semantics: 0 ok, 1 failure, 2 usage error. */
+/** Exit code semantics: 0 ok, 1 failure, 2 usage error. Help asked for goes to stdout; usage errors to stderr. */
 export async function main(argv: string[]): Promise<number> {
   const [name, ...rest] = argv;
-  if (name === undefined || name === '--help' || name === '-h' || name === 'help') {
-    console.log(mainHelp());
-    return name === undefined ? 2 : 0;
+  if (name === undefined) {
+    console.error(`vfio-user: a command is required\n\n${mainHelp()}`);
+    return 2;
   }
-  if (name === '--version') {
+  if (name === '--help' || name === '-h' || name === 'help') {
+    console.log(mainHelp());
+    return 0;
+  }
+  if (name === '--version' || name === '-V') {
     // eslint-disable-next-line @typescript-eslint/no-require-imports
     console.log((require('../../package.json') as { version: string }).version);
     return 0;
   }
   const command = COMMANDS.find((c) => c.name === name);
   if (command === undefined) {
-    console.error(`vfio-user: unknown command '${name}'\n\n${mainHelp()}`);
+    console.error(`vfio-user: unknown ${name.startsWith('-') ? 'option' : 'command'} '${name}'\n\n${mainHelp()}`);
     return 2;
   }
   let parsed;
@@ -58,7 +60,7 @@ export async function main(argv: string[]): Promise<number> {
     console.log(command.usage);
     return 0;
   }
-  return command.run(parsed.positionals, parsed.values as Record<string, string | boolean | undefined>);
+  return command.run(parsed.positionals, parsed.values as OptionValues);
 }
 
 if (require.main === module) {

@@ -3,13 +3,15 @@
  * (lib/drivers/nvme) as a command, against a controller served over vfio-user.
  */
 import * as fs from 'node:fs';
+import * as path from 'node:path';
 import type { Writable } from 'node:stream';
 import { VfioUserClient } from '../client/client';
 import { NvmeDriver, type NvmeDriverOptions } from '../drivers/nvme/controller';
 import { readBlocks, writeBlocks } from '../drivers/nvme/io';
 import { RW_PATTERNS, runPerf, type PerfFigures, type PerfProgress, type PerfSummary, type RwPattern } from '../drivers/nvme/perf';
 import { versionString } from '../drivers/nvme/registers';
-import type { CliCommand } from './main';
+import type { CliCommand, OptionValues } from './command';
+import { connectErrorMessage, connectionEndedMessage } from './messages';
 
 const USAGE = `Usage: vfio-user nvme <subcommand> SOCKET [options]
 
@@ -21,9 +23,10 @@ Subcommands:
   identify SOCKET [--json]
       Identify Controller and every active namespace.
   read SOCKET --lba N --count N [--out FILE]
-      Read COUNT blocks from LBA; the raw bytes go to FILE (default: standard output).
+      Read COUNT blocks from LBA; the raw bytes go to FILE (default: standard output). FILE is
+      replaced only once every block is read: a failed read leaves it as it was.
   write SOCKET --lba N --count N --in FILE
-      Write COUNT blocks at LBA from FILE ('-': standard input), which must hold them all.
+      Write COUNT blocks at LBA from FILE ('-': standard input), which must hold exactly that.
   perf SOCKET --rw randread|randwrite|read|write|randrw --bs 4096 --qd 32 --time 10 [--queues N] [--json]
       Keep QD commands of BS bytes outstanding on each of N queues for TIME seconds (defaults:
       --bs 4096 --qd 32 --time 10 --queues 1). Progress (IOPS, MB/s) goes to standard error once
@@ -45,7 +48,7 @@ Options:
 Numbers may be decimal or 0x-prefixed hex; --bs also takes k/m suffixes (4k, 1m).
 MB/s is 10^6 bytes per second. Exit codes: 0 ok, 1 failure, 2 usage error.`;
 
-type Values = Record<string, string | boolean | undefined>;
+type Values = OptionValues;
 
 /** Options each subcommand accepts (besides --help). */
 const ALLOWED: Record<string, readonly string[]> = {
@@ -56,6 +59,12 @@ const ALLOWED: Record<string, readonly string[]> = {
 };
 
 class UsageError extends Error {}
+
+/** A failure of the device or the connection: reported after the socket path. */
+class SocketFailure extends Error {}
+
+/** A failure of a local file (--in, --out): its message names the file. */
+class FileFailure extends Error {}
 
 function integer(values: Values, name: string, options: { min?: number; max?: number; fallback?: number; suffixes?: boolean } = {}): number {
   const raw = values[name];
@@ -73,8 +82,9 @@ function integer(values: Values, name: string, options: { min?: number; max?: nu
   const value = /^0x[0-9a-f]+$/.test(digits) ? parseInt(digits, 16) : /^[0-9]+$/.test(digits) ? Number(digits) : NaN;
   const n = value * scale;
   if (!Number.isSafeInteger(n) || n < (options.min ?? 0) || n > (options.max ?? Number.MAX_SAFE_INTEGER)) {
-    const range = options.max !== undefined ? ` in [${String(options.min ?? 0)}, ${String(options.max)}]` : options.min !== undefined ? ` >= ${String(options.min)}` : '';
-    throw new UsageError(`--${name} must be an integer${range}, got '${String(raw)}'`);
+    const min = options.min ?? 0;
+    const what = options.max !== undefined ? `an integer in [${String(min)}, ${String(options.max)}]` : min > 0 ? `an integer >= ${String(min)}` : 'a non-negative integer';
+    throw new UsageError(`--${name} must be ${what}, got '${String(raw)}'`);
   }
   return n;
 }
@@ -100,19 +110,59 @@ function driverOptions(values: Values, extra: NvmeDriverOptions): NvmeDriverOpti
   };
 }
 
-/** Connects, opens the driver, runs `fn`, and always closes both. */
-async function withDriver<T>(socket: string, options: NvmeDriverOptions, fn: (driver: NvmeDriver) => Promise<T>): Promise<T> {
-  const client = await VfioUserClient.connect(socket);
+/** How the connection under a command ended, if it did before the command was done. */
+interface ConnectionState {
+  ended: { cause: Error | null } | null;
+}
+
+/** `message (CODE)`, unless the message already names the code. */
+function withCode(err: unknown): string {
+  const e = err as Error & { code?: unknown };
+  const message = e instanceof Error ? e.message : String(err);
+  return typeof e.code === 'string' && !message.includes(e.code) ? `${message} (${e.code})` : message;
+}
+
+/**
+ * Connects, opens the driver, runs `fn`, and always closes both. Failures of the server or the
+ * connection come out as {@link SocketFailure}s with a message a user can act on (a refused
+ * connect, a busy server, a server that went away mid-command); local file errors pass through.
+ */
+async function withDriver<T>(socket: string, options: NvmeDriverOptions, fn: (driver: NvmeDriver, connection: ConnectionState) => Promise<T>): Promise<T> {
+  let client: VfioUserClient;
+  try {
+    client = await VfioUserClient.connect(socket);
+  } catch (err) {
+    throw new SocketFailure(connectErrorMessage(err, socket), { cause: err });
+  }
+  const connection: ConnectionState = { ended: null };
+  let closing = false;
+  client.once('close', (cause: Error | null) => {
+    if (!closing) connection.ended = { cause };
+  });
   try {
     const driver = await NvmeDriver.open(client, options);
     try {
-      return await fn(driver);
+      return await fn(driver, connection);
     } finally {
-      await driver.close();
+      closing = true;
+      // After the server went away there is nothing left to shut down cleanly.
+      await driver.close().catch((err: unknown) => {
+        if (connection.ended === null) throw err;
+      });
     }
+  } catch (err) {
+    if (err instanceof FileFailure || err instanceof UsageError || typeof (err as { path?: unknown }).path === 'string') throw err;
+    if (connection.ended !== null) throw new SocketFailure(connectionEndedMessage(connection.ended.cause), { cause: err });
+    throw new SocketFailure(withCode(err), { cause: err });
   } finally {
+    closing = true;
     await client.close();
   }
+}
+
+/** The doorbells a driver writes: the mmap'd page, shadow doorbells, or messages. */
+function doorbellMode(d: NvmeDriver): 'mmap' | 'shadow' | 'message' {
+  return d.shadowDoorbells !== null ? 'shadow' : d.doorbellKind;
 }
 
 function writeAll(stream: Writable, data: Uint8Array): Promise<void> {
@@ -202,6 +252,61 @@ async function identify(socket: string, values: Values): Promise<number> {
 /** Blocks moved per pass through the driver (bounds memory for large ranges). */
 const SEGMENT_BYTES = 16 * 1024 * 1024;
 
+/** A file to write `--out` into: a temporary file beside it, renamed over it only on success. */
+class OutputFile {
+  readonly fd: number;
+  private done = false;
+
+  private constructor(
+    readonly target: string,
+    /** The temporary file, or null when writing to `target` itself (not a regular file). */
+    private readonly temp: string | null,
+  ) {
+    this.fd = fs.openSync(temp ?? target, temp === null ? 'w' : 'wx', this.mode());
+  }
+
+  /** Opens before connecting, so a bad path fails first. */
+  static open(target: string): OutputFile {
+    let st: fs.Stats | null = null;
+    try {
+      st = fs.statSync(target);
+    } catch {
+      // Not there yet: made by the rename.
+    }
+    // A device or a FIFO (/dev/null, a pipe) is written in place: it cannot be replaced.
+    if (st !== null && !st.isFile()) return new OutputFile(target, null);
+    const temp = path.join(path.dirname(target), `.${path.basename(target)}.${String(process.pid)}.tmp`);
+    return new OutputFile(target, temp);
+  }
+
+  private mode(): number {
+    try {
+      return fs.statSync(this.target).mode & 0o7777; // keep the mode of the file being replaced
+    } catch {
+      return 0o666;
+    }
+  }
+
+  write(data: Uint8Array): void {
+    for (let at = 0; at < data.length; ) at += fs.writeSync(this.fd, data, at, data.length - at);
+  }
+
+  /** Every byte is written: the file replaces `target`. */
+  commit(): void {
+    fs.closeSync(this.fd);
+    this.done = true;
+    if (this.temp !== null) fs.renameSync(this.temp, this.target);
+  }
+
+  /** The read failed: `target` stays as it was. */
+  discard(): void {
+    if (this.done) return;
+    this.done = true;
+    fs.closeSync(this.fd);
+    if (this.temp !== null) fs.rmSync(this.temp, { force: true });
+  }
+}
+
 async function readCommand(socket: string, values: Values): Promise<number> {
   const lba = integer(values, 'lba');
   const count = integer(values, 'count', { min: 1 });
@@ -209,15 +314,14 @@ async function readCommand(socket: string, values: Values): Promise<number> {
   const outPath = values.out === undefined ? null : String(values.out);
   const json = values.json === true;
   if (json && outPath === null) throw new UsageError('--json needs --out (the data goes to standard output otherwise)');
-  // A file is opened before connecting, so a bad path fails first.
-  const fd = outPath === null || outPath === '-' ? -1 : fs.openSync(outPath, 'w');
+  const out = outPath === null || outPath === '-' ? null : OutputFile.open(outPath);
   const sink = async (data: Buffer): Promise<void> => {
-    if (fd < 0) {
+    if (out === null) {
       // The next segment reuses the buffer: give the stream its own copy.
       await writeAll(process.stdout, Buffer.from(data));
       return;
     }
-    for (let at = 0; at < data.length; ) at += fs.writeSync(fd, data, at, data.length - at);
+    out.write(data);
   };
   let bytes = 0;
   try {
@@ -236,8 +340,9 @@ async function readCommand(socket: string, values: Values): Promise<number> {
         done += n;
       }
     });
+    out?.commit();
   } finally {
-    if (fd >= 0) fs.closeSync(fd);
+    out?.discard();
   }
   if (json) console.log(JSON.stringify({ nsid, lba, count, bytes, out: outPath }));
   return 0;
@@ -249,6 +354,7 @@ async function writeCommand(socket: string, values: Values): Promise<number> {
   const nsid = integer(values, 'nsid', { min: 1, max: 0xfffffffe, fallback: 1 });
   if (values.in === undefined) throw new UsageError('--in FILE is required (use - for standard input)');
   const inPath = String(values.in);
+  const inName = inPath === '-' ? 'standard input' : inPath;
   const json = values.json === true;
   const stdin = inPath === '-' ? await readStdin() : null;
   const fd = stdin === null ? fs.openSync(inPath, 'r') : -1;
@@ -259,7 +365,12 @@ async function writeCommand(socket: string, values: Values): Promise<number> {
       if (lba + count > ns.nsze) throw new RangeError(`blocks ${String(lba)}..${String(lba + count - 1)} are outside namespace ${String(nsid)} (${String(ns.nsze)} blocks)`);
       const need = count * ns.blockSize;
       const have = stdin !== null ? stdin.length : fs.fstatSync(fd).size;
-      if (have < need) throw new RangeError(`${inPath === '-' ? 'standard input' : inPath} holds ${String(have)} bytes; ${String(count)} blocks of ${String(ns.blockSize)} need ${String(need)}`);
+      const blocks = `${String(count)} block${count === 1 ? '' : 's'} of ${String(ns.blockSize)} bytes (${String(need)})`;
+      if (have < need) throw new FileFailure(`${inName} holds ${String(have)} bytes, less than --count ${blocks}`);
+      if (have > need) {
+        const whole = have % ns.blockSize === 0 ? `--count ${String(have / ns.blockSize)} writes all of it` : `it is not a whole number of ${String(ns.blockSize)}-byte blocks`;
+        throw new FileFailure(`${inName} holds ${String(have)} bytes, more than --count ${blocks}; refusing to write only the start of it (${whole})`);
+      }
       const qp = await d.createIoQueuePair({ depth: Math.min(32, d.maxQueueEntries - 1) });
       const perSegment = Math.max(1, Math.floor(SEGMENT_BYTES / ns.blockSize));
       const buf = Buffer.alloc(Math.min(count, perSegment) * ns.blockSize);
@@ -272,7 +383,7 @@ async function writeCommand(socket: string, values: Values): Promise<number> {
           let got = 0;
           while (got < part.length) {
             const r = fs.readSync(fd, part, got, part.length - got, at + got);
-            if (r === 0) throw new RangeError(`${inPath} ended early at byte ${String(at + got)}`);
+            if (r === 0) throw new FileFailure(`${inPath} ended early at byte ${String(at + got)}`);
             got += r;
           }
         }
@@ -333,8 +444,11 @@ async function perf(socket: string, values: Values): Promise<number> {
     // Polled completions by default, like spdk_nvme_perf: the run measures the device and the
     // path to it, not interrupt wake-ups, and is far steadier on a small machine (--irq for those).
     const completions = values.irq === true ? ('msix' as const) : ('poll' as const);
-    const summary = await withDriver(socket, driverOptions(values, { ioQueues: queues, completions }), (d) =>
-      runPerf(d, {
+    let ended: string | null = null;
+    const summary = await withDriver(socket, driverOptions(values, { ioQueues: queues, completions }), async (d, connection) => {
+      // As set up: a connection lost mid-run takes the shadow doorbells down with it.
+      const doorbells = doorbellMode(d);
+      const result = await runPerf(d, {
         rw: rw as RwPattern,
         bs,
         qd,
@@ -344,10 +458,13 @@ async function perf(socket: string, values: Values): Promise<number> {
         rwmixread,
         signal: abort.signal,
         onProgress: (p) => process.stderr.write(`${json ? JSON.stringify({ progress: p }) : progressLine(p)}\n`),
-      }),
-    );
+      });
+      if (connection.ended !== null) ended = connectionEndedMessage(connection.ended.cause);
+      return { ...result, doorbells, ...(ended !== null ? { firstError: ended } : {}) };
+    });
     console.log(json ? JSON.stringify(summary, null, 2) : summaryText(summary));
-    return summary.errors > 0 ? 1 : 0;
+    if (ended !== null) console.error(`vfio-user nvme perf: ${socket}: ${String(ended)} after ${summary.elapsedSec.toFixed(2)} s; the summary covers the I/O completed until then`);
+    return summary.errors > 0 || ended !== null ? 1 : 0;
   } finally {
     process.off('SIGINT', onSignal);
     process.off('SIGTERM', onSignal);
@@ -380,7 +497,8 @@ export const nvmeCommand: CliCommand = {
   async run(positionals, values) {
     const [sub, socket, ...extra] = positionals;
     if (sub === undefined || ALLOWED[sub] === undefined) {
-      console.error(sub === undefined ? USAGE : `vfio-user nvme: unknown subcommand '${sub}'\n\n${USAGE}`);
+      const why = sub === undefined ? 'a subcommand is required' : `unknown subcommand '${sub}'`;
+      console.error(`vfio-user nvme: ${why} (${Object.keys(ALLOWED).join(', ')})\n\n${USAGE}`);
       return 2;
     }
     const wrong = Object.keys(values).filter((k) => values[k] !== undefined && k !== 'help' && !ALLOWED[sub]!.includes(k));
@@ -405,8 +523,7 @@ export const nvmeCommand: CliCommand = {
         console.error(`vfio-user nvme ${sub}: ${err.message}\n\n${USAGE}`);
         return 2;
       }
-      const e = err as Error & { code?: string };
-      console.error(`vfio-user nvme ${sub}: ${e.message}${e.code && !e.message.includes(e.code) ? ` (${e.code})` : ''}`);
+      console.error(`vfio-user nvme ${sub}: ${err instanceof SocketFailure ? `${socket}: ${err.message}` : withCode(err)}`);
       return 1;
     }
   },

@@ -9,7 +9,7 @@ import { NvmeController } from '../devices/nvme/controller';
 import { VirtioBlkDevice } from '../devices/virtio-blk/device';
 import { FileBackend, RamBackend, type BlockBackend } from '../block';
 import { VfioUserServer, type ServerOptions } from '../server/server';
-import type { CliCommand } from './main';
+import type { CliCommand } from './command';
 
 const USAGE = `Usage: vfio-user serve <device> SOCKET [options]
 
