@@ -21,6 +21,16 @@ export {
   IrqChannels,
   MappedRegion,
   PciFunction,
+  DirtyBitmap,
+  migrate,
+  Migrator,
+  MigrationError,
+  migStateName,
+  type MigrateOptions,
+  type MigrationProgress,
+  type MigrationResult,
+  type MigrationSupport,
+  type DirtyRange,
   type ClientOptions,
   type CallOptions,
   type DeviceSummary,
@@ -37,7 +47,7 @@ export {
   type MsixInfo,
   type PciCapability,
 } from './client';
-export { PciDevice, type PciDeviceOptions, type PciBar } from './pci/device';
+export { PciDevice, StopReason, type PciDeviceOptions, type PciBar } from './pci/device';
 export * as pci from './pci';
 export { VirtioPciDevice, type VirtioPciOptions, type NotifyMode } from './virtio/pci';
 export * as virtio from './virtio';

@@ -45,6 +45,20 @@ import { DmaMemory, DmaTable, type DmaFdOptions, type DmaMapOptions } from './dm
 import { IrqChannels, MAX_IRQ_VECTORS, irqIndexInfo, type IrqEvent, type IrqIndexInfo, type IrqSelection } from './irqs';
 import { RegionIoFds, buildRegionIoFds } from './iofds';
 import { MappedRegion, buildRegionRecord, mapRegionAreas, releaseRegionRecord, type RegionInfo, type RegionRecord } from './regions';
+import {
+  DirtyBitmap,
+  dirtyReport,
+  getMigrationState,
+  probeMigration,
+  readMigrationData,
+  setMigrationState,
+  startDirtyLogging,
+  stopDirtyLogging,
+  writeMigrationData,
+  type DirtyRange,
+  type MigrationCore,
+  type MigrationSupport,
+} from './migration';
 
 const debug = debuglog('vfio-user:client');
 
@@ -94,6 +108,13 @@ export interface ClientOptions {
   writeChunkSize?: number;
   /** A label for debug output (`NODE_DEBUG=vfio-user:*`). */
   name?: string;
+  /**
+   * Survive the connection ending (a server restarted, or one keeping its device for the next
+   * client): instead of releasing everything, the client emits `'disconnect'` and keeps its DMA
+   * memory, eventfds and state until {@link VfioUserClient.reconnect} or
+   * {@link VfioUserClient.close}. Default false: the end of the connection closes the client.
+   */
+  reconnect?: boolean;
 }
 
 /** What `DEVICE_GET_INFO` reported. */
@@ -130,6 +151,10 @@ export interface VfioUserClientEvents {
   irq: [index: number, vector: number, count: number];
   /** The connection ended and every resource was released; `error` is null for {@link VfioUserClient.close}. */
   close: [error: Error | null];
+  /** The connection ended, and the client (`reconnect` option) keeps everything for {@link VfioUserClient.reconnect}. */
+  disconnect: [error: Error];
+  /** {@link VfioUserClient.reconnect} re-established the session: maps, eventfds, regions. */
+  reconnect: [];
 }
 
 interface CallSpec {
@@ -145,7 +170,7 @@ interface PendingMulti {
   data: Uint8Array;
 }
 
-type State = 'connecting' | 'open' | 'closed';
+type State = 'connecting' | 'open' | 'disconnected' | 'closed';
 
 const DEFAULT_XFER = 1024 * 1024;
 const DEFAULT_CHUNK = 64 * 1024;
@@ -173,7 +198,13 @@ function protocolError(message: string, field: string): ProtocolError {
  * reason; its memory views (DMA and mapped regions) then read as length 0.
  */
 export class VfioUserClient extends EventEmitter<VfioUserClientEvents> {
-  readonly #conn: Connection;
+  #conn: Connection;
+  readonly #path: string;
+  readonly #reconnectable: boolean;
+  readonly #congestion: number;
+  /** Set while {@link VfioUserClient.reconnect} drops the current connection on purpose. */
+  #dropping = false;
+  #reconnecting: Promise<void> | null = null;
   #twin: Connection | null = null;
   #state: State = 'connecting';
   readonly #name: string;
@@ -204,8 +235,11 @@ export class VfioUserClient extends EventEmitter<VfioUserClientEvents> {
   #viewBuffer: ArrayBufferLike | null = null;
   #view: DataView | null = null;
 
-  private constructor(socket: Fd, options: ClientOptions) {
+  private constructor(socket: Fd, path: string, options: ClientOptions) {
     super();
+    this.#path = path;
+    this.#reconnectable = options.reconnect === true;
+    this.#congestion = options.congestionThreshold ?? DEFAULT_CONGESTION;
     this.#name = options.name ?? 'vfio-user-client';
     this.#timeoutMs = options.timeoutMs ?? 5000;
     this.#ourMaxFds = options.maxMsgFds ?? Limits.QEMU_MAX_MSG_FDS;
@@ -215,20 +249,7 @@ export class VfioUserClient extends EventEmitter<VfioUserClientEvents> {
     this.#wantPosted = options.postedWrites ?? true;
     this.#wantMulti = options.writeMultiple ?? true;
     this.#chunkOption = options.writeChunkSize ?? DEFAULT_CHUNK;
-    this.#conn = new Connection(socket, {
-      name: this.#name,
-      maxRecvFds: this.#ourMaxFds,
-      requestTimeoutMs: this.#timeoutMs,
-      // Our own data limit bounds DMA_WRITE commands; region-info chains are bounded separately.
-      maxMessageSize: Math.max(this.#ourMaxXfer, ClientLimits.MAX_REGION_INFO_ARGSZ) + 4096,
-      highWaterMark: options.congestionThreshold ?? DEFAULT_CONGESTION,
-      firstMsgId: 0,
-    });
-    // A clean EOF while we are not closing is still the end of the device: report it as ECONNRESET.
-    this.#conn.on('close', (err: Error | null) =>
-      this.#shutdown(err ?? new VfioUserError(Errno.ECONNRESET, 0, 0, 'the server closed the connection')),
-    );
-    this.#conn.on('drain', () => this.#flushMulti());
+    this.#conn = this.#connection(socket);
     const self = this;
     this.#dma = new DmaTable({
       call: (command, body, fds) => this.#request(command, body, { fds }),
@@ -245,6 +266,25 @@ export class VfioUserClient extends EventEmitter<VfioUserClientEvents> {
         return self.#ourMaxXfer;
       },
     });
+  }
+
+  /** The main connection on `socket`, with its end routed to {@link VfioUserClient.#lost}. */
+  #connection(socket: Fd): Connection {
+    const conn = new Connection(socket, {
+      name: this.#name,
+      maxRecvFds: this.#ourMaxFds,
+      requestTimeoutMs: this.#timeoutMs,
+      // Our own data limit bounds DMA_WRITE commands; region-info chains are bounded separately.
+      maxMessageSize: Math.max(this.#ourMaxXfer, ClientLimits.MAX_REGION_INFO_ARGSZ) + 4096,
+      highWaterMark: this.#congestion,
+      firstMsgId: 0,
+    });
+    // A clean EOF while we are not closing is still the end of the device: report it as ECONNRESET.
+    conn.on('close', (err: Error | null) => {
+      if (conn === this.#conn) this.#lost(err ?? new VfioUserError(Errno.ECONNRESET, 0, 0, 'the server closed the connection'));
+    });
+    conn.on('drain', () => this.#flushMulti());
+    return conn;
   }
 
   /**
@@ -272,7 +312,7 @@ export class VfioUserClient extends EventEmitter<VfioUserClientEvents> {
     const socket = new Fd(binding.unixConnect(path));
     let client: VfioUserClient;
     try {
-      client = new VfioUserClient(socket, options);
+      client = new VfioUserClient(socket, path, options);
     } catch (err) {
       socket.close();
       throw err;
@@ -291,6 +331,16 @@ export class VfioUserClient extends EventEmitter<VfioUserClientEvents> {
   /** True once closed (by {@link VfioUserClient.close} or because the connection ended). */
   get closed(): boolean {
     return this.#state === 'closed';
+  }
+
+  /** True while the connection is gone and the client waits for {@link VfioUserClient.reconnect} (`reconnect` option). */
+  get disconnected(): boolean {
+    return this.#state === 'disconnected' || (this.#state === 'connecting' && this.#reconnecting !== null);
+  }
+
+  /** The socket path this client connects to. */
+  get path(): string {
+    return this.#path;
   }
 
   /** The negotiated version and limits. */
@@ -635,6 +685,80 @@ export class VfioUserClient extends EventEmitter<VfioUserClientEvents> {
     return this.irqs.wait(index, vector, timeoutMs);
   }
 
+  // ---- migration (reference §5): the stream is opaque, moved as the device chunks it ----
+
+  /**
+   * `DEVICE_FEATURE` GET `MIGRATION`: what the device supports, or null if it cannot migrate (the
+   * server refused the feature).
+   */
+  migrationSupport(options: CallOptions = {}): Promise<MigrationSupport | null> {
+    return probeMigration(this.#migrationCore, options.timeoutMs);
+  }
+
+  /** `DEVICE_FEATURE` GET `MIG_DEVICE_STATE`: the device's migration state ({@link MigState}). */
+  migrationState(options: CallOptions = {}): Promise<number> {
+    return getMigrationState(this.#migrationCore, options.timeoutMs);
+  }
+
+  /**
+   * `DEVICE_FEATURE` SET `MIG_DEVICE_STATE`: the server walks to `state` through intermediate
+   * states (reference §5.3) before it replies. On failure (the server's errno) the device is in
+   * whichever state the walk reached: ask {@link VfioUserClient.migrationState}.
+   */
+  setMigrationState(state: number, options: CallOptions = {}): Promise<number> {
+    return setMigrationState(this.#migrationCore, state, options.timeoutMs);
+  }
+
+  /**
+   * One `MIG_DATA_READ` of at most `max` bytes (default and ceiling: the smaller of both sides'
+   * `max_data_xfer_size`). Empty: nothing more for now (PRE_COPY) or the end (STOP_COPY).
+   */
+  readMigrationData(max?: number, options: CallOptions = {}): Promise<Buffer> {
+    return readMigrationData(this.#migrationCore, max, options.timeoutMs);
+  }
+
+  /** `MIG_DATA_WRITE` of `data` (split into chunks the peers accept), in order. */
+  writeMigrationData(data: Uint8Array, options: CallOptions = {}): Promise<void> {
+    return writeMigrationData(this.#migrationCore, data, options.timeoutMs);
+  }
+
+  /** The largest chunk one MIG_DATA_READ/WRITE carries with this server. */
+  get migrationChunkSize(): number {
+    return this.#migrationCore.maxChunk;
+  }
+
+  /**
+   * `DMA_LOGGING_START`: the server logs the pages it writes in `ranges` of our memory (none: all
+   * of it) at `pageSize` (a hint). Resolves with the page size the server chose.
+   */
+  startDirtyLogging(options: { pageSize?: number; ranges?: readonly DirtyRange[] } & CallOptions = {}): Promise<number> {
+    return startDirtyLogging(this.#migrationCore, options.pageSize ?? this.#pageSize(), options.ranges ?? [], options.timeoutMs);
+  }
+
+  /** `DMA_LOGGING_STOP`. */
+  stopDirtyLogging(options: CallOptions = {}): Promise<void> {
+    return stopDirtyLogging(this.#migrationCore, options.timeoutMs);
+  }
+
+  /**
+   * `DMA_LOGGING_REPORT` for `[iova, iova + length)` (one DMA map, as libvfio-user requires) at
+   * `pageSize` (default: the server's smallest page): the pages written since the last report,
+   * decoded. Reading clears them on the server.
+   */
+  dirtyPages(iova: number, length: number, pageSize = this.#pageSize(), options: CallOptions = {}): Promise<DirtyBitmap> {
+    return dirtyReport(this.#migrationCore, iova, length, pageSize, options.timeoutMs);
+  }
+
+  get #migrationCore(): MigrationCore {
+    const self = this;
+    return {
+      call: (command, body, timeoutMs) => this.#request(command, body, { timeoutMs }),
+      get maxChunk() {
+        return Math.min(self.negotiated.maxDataXferSize, self.#ourMaxXfer);
+      },
+    };
+  }
+
   // ---- reset and close ----
 
   /**
@@ -784,7 +908,9 @@ export class VfioUserClient extends EventEmitter<VfioUserClientEvents> {
         maxMessageSize: this.#ourMaxXfer + 4096,
       });
       twin.onRequest = (msg, conn) => this.#dma.serve(msg, conn);
-      twin.on('close', (err: Error | null) => this.#shutdown(err ?? new VfioUserError(Errno.ECONNRESET, 0, 0, 'the twin socket closed')));
+      twin.on('close', (err: Error | null) => {
+        if (twin === this.#twin) this.#lost(err ?? new VfioUserError(Errno.ECONNRESET, 0, 0, 'the twin socket closed'));
+      });
       this.#twin = twin;
     }
     this.#state = 'open';
@@ -865,8 +991,8 @@ export class VfioUserClient extends EventEmitter<VfioUserClientEvents> {
    * throw (that rejects the call). Any batched writes go out first, so they keep their order.
    */
   #call<T>(command: number, body: Body, parse: (reply: IncomingMessage) => T, spec: CallSpec = {}): Promise<T> {
-    if (this.#state === 'closed') {
-      return Promise.reject(new VfioUserError(Errno.ECONNRESET, command, 0, `${commandName(command)}: the client is closed`));
+    if (this.#state === 'closed' || this.#state === 'disconnected') {
+      return Promise.reject(new VfioUserError(Errno.ECONNRESET, command, 0, `${commandName(command)}: the client is ${this.#state}`));
     }
     this.#flushMulti();
     return new Promise<T>((resolve, reject) => {
@@ -1018,10 +1144,121 @@ export class VfioUserClient extends EventEmitter<VfioUserClientEvents> {
     return start;
   }
 
-  // ---- teardown ----
+  // ---- teardown and reconnection ----
+
+  /** The connection ended: close the client, or (reconnectable) wait for reconnect() keeping everything. */
+  #lost(error: Error): void {
+    if (this.#state === 'closed') return;
+    if (!this.#reconnectable && !this.#dropping) {
+      this.#shutdown(error);
+      return;
+    }
+    if (this.#state === 'disconnected') return;
+    this.#state = 'disconnected';
+    this.#multi = [];
+    debug('%s: disconnected: %s', this.#name, error.message);
+    this.#conn.close(error);
+    const twin = this.#twin;
+    this.#twin = null;
+    twin?.close(error);
+    this.emit('disconnect', error);
+  }
+
+  /**
+   * Connects again (to `path`, default the same socket) and re-establishes the session as a VMM
+   * re-attaching to a kept device does: VERSION, DEVICE_GET_INFO (it must be the same device
+   * layout), region and IRQ info, DMA_MAP of every range at the same address with the same fds,
+   * and SET_IRQS with the same eventfds (and MASK/UNMASK eventfds). Mapped regions of the old
+   * connection are unmapped (map them again); ioeventfds are dropped. A connection still open is
+   * dropped first, as a crashed VMM's would be. Emits `'reconnect'` when done.
+   *
+   * @throws the connect(2) error, or the bring-up failure; the client is then disconnected (with
+   * the `reconnect` option) and may try again.
+   */
+  reconnect(options: { path?: string } = {}): Promise<void> {
+    if (this.#state === 'closed') return Promise.reject(new VfioUserError(Errno.ECONNRESET, 0, 0, 'the client is closed'));
+    this.#reconnecting ??= this.#reattach(options.path ?? this.#path).finally(() => {
+      this.#reconnecting = null;
+    });
+    return this.#reconnecting;
+  }
+
+  async #reattach(path: string): Promise<void> {
+    if (this.#state === 'open' || this.#state === 'connecting') {
+      this.#flushMulti();
+      this.#dropping = true;
+      try {
+        this.#lost(new VfioUserError(Errno.ECONNRESET, 0, 0, 'dropped to reconnect'));
+      } finally {
+        this.#dropping = false;
+      }
+    }
+    this.#state = 'connecting';
+    const before = this.#device!;
+    try {
+      this.#conn = this.#connection(new Fd(binding.unixConnect(path)));
+      this.#negotiated = null;
+      await this.#version();
+      const info = await this.#call(Command.DEVICE_GET_INFO, encodeDeviceInfoRequest(), (msg) => decodeDeviceInfoReply(msg.payload));
+      if (info.flags !== before.flags || info.numRegions !== before.numRegions || info.numIrqs !== before.numIrqs) {
+        throw protocolError(
+          `reconnect: the device has ${String(info.numRegions)} regions and ${String(info.numIrqs)} IRQ indexes (flags 0x${info.flags.toString(16)}), not ${String(before.numRegions)} and ${String(before.numIrqs)} (0x${before.flags.toString(16)})`,
+          'num_regions',
+        );
+      }
+      const regions = await Promise.allSettled(range(info.numRegions).map((i) => this.#fetchRegion(i)));
+      const failed = regions.find((r) => r.status === 'rejected');
+      if (failed !== undefined) {
+        for (const r of regions) if (r.status === 'fulfilled') releaseRegionRecord(r.value);
+        throw (failed as PromiseRejectedResult).reason;
+      }
+      for (const r of this.#regions) releaseRegionRecord(r);
+      this.#regions = regions.map((r) => (r as PromiseFulfilledResult<RegionRecord>).value);
+      const irqInfos = await settleAll(range(info.numIrqs).map((i) => this.#fetchIrq(i)));
+      irqInfos.forEach((i, k) => {
+        if (i.count !== this.irqs.info[k]!.count) throw protocolError(`reconnect: IRQ index ${String(k)} has ${String(i.count)} vectors, not ${String(this.irqs.info[k]!.count)}`, 'count');
+      });
+      for (const io of this.#ioFds) io?.close();
+      this.#ioFds = [];
+      await this.#learnBarKinds();
+      this.#postingAllowed = this.#wantPosted && !this.#regions.some((r) => r.info.mmapFlag);
+      await this.#dma.regrantAll();
+      await this.irqs.resendAll();
+    } catch (err) {
+      if ((this.#state as State) !== 'closed') {
+        this.#dropping = true;
+        try {
+          this.#lost(err as Error);
+        } finally {
+          this.#dropping = false;
+        }
+        if (!this.#reconnectable) this.#shutdown(err as Error);
+      }
+      throw err;
+    }
+    debug('%s: reconnected', this.#name);
+    this.emit('reconnect');
+  }
+
+  // ---- sharing memory with another client ----
+
+  /**
+   * Grants `mem` (a range of another client) to this client's device too, at the same address
+   * with the same permissions: DMA_MAP with the range's own fd, as a VMM maps guest memory on a
+   * migration destination. The memory is the same pages; it stays mapped while any client grants
+   * it, and `mem.unmap()` withdraws it from every client.
+   *
+   * @throws {RangeError} for a range without an fd of its own, or one overlapping a map here.
+   * @throws {VfioUserError} if the server refuses the map.
+   */
+  shareDma(mem: DmaMemory): Promise<void> {
+    this.#assertOpen();
+    return this.#dma.share(mem);
+  }
 
   #shutdown(error: Error | null): void {
     if (this.#state === 'closed') return;
+    this.#reconnecting = null;
     this.#state = 'closed';
     this.#multi = [];
     if (error !== null) debug('%s: closing: %s', this.#name, error.message);

@@ -14,8 +14,14 @@
  * `max_data_xfer_size` we announced (E2BIG), the whole range inside one granted range (EFAULT), the
  * permission granted (EPERM); a malformed payload gets EINVAL.
  *
+ * A range keeps its own fd (the memfd, or its own open file description of the caller's file), so
+ * it can be granted again: to the same server after {@link VfioUserClient.reconnect}, or to a
+ * second client at the same address ({@link VfioUserClient.shareDma}, as a VMM hands guest memory
+ * to a migration destination). The memory stays mapped here while any client still grants it.
+ *
  * @packageDocumentation
  */
+import * as fs from 'node:fs';
 import { debuglog } from 'node:util';
 import { binding } from '../native/binding';
 import { Fd } from '../native/fd';
@@ -94,12 +100,15 @@ export class DmaMemory {
   readonly mapping: Mapping | null;
   /** @internal */
   unmapping: Promise<void> | null = null;
+  /** @internal Our own fd of the memory (to grant it again), or null (message-only, or not reopenable). */
+  fd: Fd | null;
+  /** @internal The clients' tables that grant this range. */
+  readonly grants = new Set<DmaTable>();
   readonly #buffer: Buffer | null;
-  readonly #table: DmaTable;
 
   /** @internal Created by the client only. */
-  constructor(table: DmaTable, iova: number, size: number, flags: number, mapping: Mapping | null, buffer: Buffer | null, fileOffset = 0n) {
-    this.#table = table;
+  constructor(table: DmaTable, iova: number, size: number, flags: number, mapping: Mapping | null, buffer: Buffer | null, fileOffset = 0n, fd: Fd | null = null) {
+    this.grants.add(table);
     this.iova = iova;
     this.size = size;
     this.flags = flags;
@@ -107,6 +116,7 @@ export class DmaMemory {
     this.#buffer = buffer;
     this.shared = mapping !== null;
     this.fileOffset = fileOffset;
+    this.fd = fd;
   }
 
   /**
@@ -145,7 +155,26 @@ export class DmaMemory {
    * @throws {ProtocolError} if the reply does not echo the range.
    */
   unmap(): Promise<void> {
-    return this.#table.unmap(this);
+    if (this.unmapping !== null) return this.unmapping;
+    if (this.state === 'unmapped' || this.grants.size === 0) return (this.unmapping = Promise.resolve());
+    this.unmapping = settleFirstError([...this.grants].map((t) => t.withdrawFrom(this)));
+    return this.unmapping;
+  }
+}
+
+/** Waits for all; rejects with the first failure. */
+async function settleFirstError(calls: Promise<void>[]): Promise<void> {
+  const results = await Promise.allSettled(calls);
+  for (const r of results) if (r.status === 'rejected') throw r.reason;
+}
+
+/** Our own open file description of `fd`'s file (for a later DMA_MAP), or null if it cannot be reopened. */
+function reopen(fd: number, readOnly: boolean): Fd | null {
+  try {
+    return new Fd(fs.openSync(`/proc/self/fd/${fd}`, readOnly ? fs.constants.O_RDONLY : fs.constants.O_RDWR));
+  } catch (err) {
+    debug('cannot reopen fd %d for later grants: %s', fd, (err as Error).message);
+    return null;
   }
 }
 
@@ -182,12 +211,9 @@ export class DmaTable {
       throw err;
     }
     const flags = DmaMapFlags.READ | (options.readOnly ? 0 : DmaMapFlags.WRITE);
-    const mem = new DmaMemory(this, iova, length, flags, mapping, null);
-    try {
-      await this.#grant(mem, fd);
-    } finally {
-      fd.close();
-    }
+    // The memfd stays open with the range: it is what a reconnect or a second client maps.
+    const mem = new DmaMemory(this, iova, length, flags, mapping, null, 0n, fd);
+    await this.#grant(mem, fd);
     return mem;
   }
 
@@ -222,9 +248,50 @@ export class DmaTable {
     // Throws for a range past the end of the file, or an fd that cannot be mapped so.
     const mapping = Mapping.map(raw, fileOffset, size, prot);
     const flags = DmaMapFlags.READ | (options.readOnly ? 0 : DmaMapFlags.WRITE);
-    const mem = new DmaMemory(this, iova, size, flags, mapping, null, fileOffset);
+    const mem = new DmaMemory(this, iova, size, flags, mapping, null, fileOffset, reopen(raw, options.readOnly === true));
     await this.#grant(mem, raw);
     return mem;
+  }
+
+  /**
+   * Grants `mem` (a range of another client, or of this one before a reconnect) to this server at
+   * the same address, with the same fd and permissions: DMA_MAP again. The memory itself is the
+   * same pages; it stays mapped here while any client grants it.
+   */
+  async share(mem: DmaMemory): Promise<void> {
+    if (!mem.mapped) throw new RangeError('the range is no longer mapped');
+    if (this.#entries.includes(mem)) return;
+    if (mem.shared && mem.fd === null) throw new RangeError(`the range at 0x${mem.iova.toString(16)} has no fd of its own to grant again`);
+    if (mem.shared && this.core.maxSendFds < 1) throw new RangeError('the server accepts no file descriptors (max_msg_fds 0)');
+    const clash = this.#entries.find((e) => e.iova < mem.iova + mem.size && mem.iova < e.iova + e.size);
+    if (clash !== undefined) throw new RangeError(`DMA range 0x${mem.iova.toString(16)}+0x${mem.size.toString(16)} overlaps the map at 0x${clash.iova.toString(16)}`);
+    mem.grants.add(this);
+    this.#insert(mem);
+    try {
+      await this.#send(mem, mem.fd);
+    } catch (err) {
+      this.#remove(mem);
+      this.#drop(mem);
+      throw err;
+    }
+  }
+
+  /**
+   * After a reconnect: DMA_MAP every range of this table again, in address order (the new
+   * connection's server knows none of them). Rejects with the first failure after trying all.
+   */
+  async regrantAll(): Promise<void> {
+    const failures: unknown[] = [];
+    for (const mem of [...this.#entries]) {
+      if (!mem.mapped) continue;
+      try {
+        if (mem.shared && mem.fd === null) throw new RangeError(`the range at 0x${mem.iova.toString(16)} has no fd of its own to grant again`);
+        await this.#send(mem, mem.fd);
+      } catch (err) {
+        failures.push(err);
+      }
+    }
+    if (failures.length > 0) throw failures[0];
   }
 
   /**
@@ -233,7 +300,9 @@ export class DmaTable {
    */
   async unmapAll(): Promise<void> {
     const all = [...this.#entries];
-    for (const mem of all) mem.state = 'unmapping';
+    // A range another client also grants stays mapped (there).
+    const own = all.filter((mem) => mem.grants.size === 1);
+    for (const mem of own) mem.state = 'unmapping';
     const done = (async () => {
       try {
         const payload = await this.core.call(Command.DMA_UNMAP, encodeDmaUnmapRequest({ flags: DmaUnmapFlags.ALL, address: 0n, size: 0n }), null);
@@ -250,15 +319,17 @@ export class DmaTable {
         }
       }
     })();
-    for (const mem of all) mem.unmapping ??= done;
+    for (const mem of own) mem.unmapping ??= done;
     await done;
   }
 
-  unmap(mem: DmaMemory): Promise<void> {
-    if (mem.unmapping !== null) return mem.unmapping;
-    if (mem.state === 'unmapped') return (mem.unmapping = Promise.resolve());
-    mem.unmapping = this.#withdraw(mem);
-    return mem.unmapping;
+  /** @internal DMA_UNMAP of `mem` from this table's server, then this grant is dropped (see {@link DmaMemory.unmap}). */
+  withdrawFrom(mem: DmaMemory): Promise<void> {
+    if (!this.#entries.includes(mem)) {
+      this.#drop(mem);
+      return Promise.resolve();
+    }
+    return this.#withdraw(mem);
   }
 
   /** Drops every range locally (the connection is gone; the server forgets them by itself). */
@@ -370,16 +441,21 @@ export class DmaTable {
 
   async #grant(mem: DmaMemory, fd: Fd | number | null): Promise<void> {
     this.#insert(mem);
-    const body = encodeDmaMapRequest({ flags: mem.flags, offset: mem.fileOffset, address: BigInt(mem.iova), size: BigInt(mem.size) });
     try {
-      const payload = await this.core.call(Command.DMA_MAP, body, fd === null ? null : [fd instanceof Fd ? fd.value : fd]);
-      decodeDmaMapReply(payload);
+      await this.#send(mem, fd);
     } catch (err) {
       this.#remove(mem);
       this.#release(mem);
       throw err;
     }
     if (mem.state === 'mapping') mem.state = 'mapped';
+  }
+
+  /** One DMA_MAP of `mem` with `fd` (null: message-only). */
+  async #send(mem: DmaMemory, fd: Fd | number | null): Promise<void> {
+    const body = encodeDmaMapRequest({ flags: mem.flags, offset: mem.fileOffset, address: BigInt(mem.iova), size: BigInt(mem.size) });
+    const payload = await this.core.call(Command.DMA_MAP, body, fd === null ? null : [fd instanceof Fd ? fd.value : fd]);
+    decodeDmaMapReply(payload);
   }
 
   async #withdraw(mem: DmaMemory): Promise<void> {
@@ -419,9 +495,22 @@ export class DmaTable {
     if (i >= 0) this.#entries.splice(i, 1);
   }
 
+  /** Drops this table's grant of `mem`; the memory goes when no client grants it any more. */
   #release(mem: DmaMemory): void {
+    this.#drop(mem);
+  }
+
+  #drop(mem: DmaMemory): void {
+    mem.grants.delete(this);
+    if (mem.grants.size > 0) {
+      // Still granted to another client: still mapped.
+      if (mem.state === 'unmapping') mem.state = 'mapped';
+      return;
+    }
     mem.state = 'unmapped';
     mem.mapping?.unmapNow();
+    mem.fd?.close();
+    mem.fd = null;
   }
 }
 

@@ -16,6 +16,8 @@ export { DmaMemory, type DmaFdOptions, type DmaMapOptions, type DmaMemoryState }
 export { IrqChannels, MAX_IRQ_VECTORS, type IrqAction, type IrqEvent, type IrqEventsOptions, type IrqIndexInfo, type IrqSelection } from './irqs';
 export { MappedRegion, type MappedArea, type RegionArea, type RegionInfo } from './regions';
 export { RegionIoFds, type RegionIoFd } from './iofds';
+export { DirtyBitmap, MIG_STATE_NAMES, migStateName, type DirtyRange, type MigrationSupport } from './migration';
+export { migrate, Migrator, MigrationError, type MigrateOptions, type MigrationProgress, type MigrationResult, type MigratorEvents } from './migrate';
 export {
   PciFunction,
   DEFAULT_BAR_WINDOWS,

@@ -256,6 +256,35 @@ export class IrqChannels {
     }
   }
 
+  /**
+   * After a reconnect: hands the server every eventfd we hold again (TRIGGER, and MASK/UNMASK
+   * eventfds), runs of consecutive vectors per message, split by the server's `max_msg_fds`. The
+   * eventfds and their watchers stay as they are. Rejects with the first failure after trying all.
+   */
+  async resendAll(): Promise<void> {
+    const calls: Promise<unknown>[] = [];
+    const perMessage = Math.max(1, this.core.maxSendFds);
+    const send = (index: number, action: number, table: (EventFd | null)[]) => {
+      for (let v = 0; v < table.length; ) {
+        if (table[v] == null) {
+          v++;
+          continue;
+        }
+        let end = v + 1;
+        while (end < table.length && table[end] != null && end - v < perMessage) end++;
+        const fds = table.slice(v, end).map((e) => e!.fd.value);
+        const body = encodeSetIrqsRequest({ flags: IrqSetFlags.DATA_EVENTFD | action, index, start: v, count: end - v });
+        calls.push(this.core.call(Command.DEVICE_SET_IRQS, body, fds).then(checkEmpty));
+        v = end;
+      }
+    };
+    this.#fds.forEach((table, index) => send(index, IrqSetFlags.ACTION_TRIGGER, table));
+    this.#actionFds.mask.forEach((table, index) => send(index, IrqSetFlags.ACTION_MASK, table));
+    this.#actionFds.unmask.forEach((table, index) => send(index, IrqSetFlags.ACTION_UNMASK, table));
+    const failure = await firstFailure(calls);
+    if (failure !== null) throw failure;
+  }
+
   /** The MASK or UNMASK eventfd of a vector (from {@link IrqChannels.setActionEventfds}), or null. */
   actionEventfd(index: number, action: IrqAction, vector: number): EventFd | null {
     return this.#actionFds[action][index]?.[vector] ?? null;

@@ -18,6 +18,7 @@
  *
  * @packageDocumentation
  */
+import { createHash } from 'node:crypto';
 import type { Capability, ExtendedCapability } from './capabilities/common';
 import {
   Bar,
@@ -211,6 +212,37 @@ export class ConfigSpace {
   defineRegister(offset: number, size: RegisterSize, value: number, masks: RegisterMasks = {}): void {
     checkRange('config space', offset, size, this.size);
     this.install(offset, new RegisterLayout(size).define(0, size, value, masks));
+  }
+
+  /** A copy of every register's current value (device state, for migration). */
+  snapshot(): Uint8Array {
+    return this.values.slice();
+  }
+
+  /**
+   * Takes every register's value from a {@link snapshot} of a space built the same way (check
+   * {@link fingerprint} first): a device-side store of the whole space, with no masks and no hooks;
+   * COMMAND listeners are told if COMMAND changed. @throws RangeError for a snapshot of another size.
+   */
+  restore(values: Uint8Array): void {
+    if (values.length !== this.size) throw new RangeError(`Expected a ${this.size}-byte config space snapshot, got ${values.length} bytes`);
+    const commandBefore = this.command;
+    this.values.set(values);
+    this.notifyCommand(commandBefore);
+  }
+
+  /**
+   * How the space is built, as a short string: size, power-on values and masks (identity, BAR
+   * sizes and types, capabilities and where they are). Two spaces with the same fingerprint take
+   * each other's {@link snapshot}.
+   */
+  fingerprint(): string {
+    const h = createHash('sha256');
+    h.update(String(this.size));
+    h.update(this.defaults);
+    h.update(this.writable);
+    h.update(this.w1c);
+    return h.digest('hex').slice(0, 32);
   }
 
   /** Copies of the writable and write-1-to-clear masks (for tests and `lspci`-like dumps). */

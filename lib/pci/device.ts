@@ -9,6 +9,16 @@ import { DeviceFlags, Errno, PciIrq, PciRegion, RegionInfoFlags } from '../proto
 import type { AccessResult, DeviceContext, DeviceRegion, ResetReason, VfioUserDevice } from '../server/device';
 import type { IrqIndexInfo } from '../server/irq';
 import type { MigrationHooks } from '../server/migration';
+import {
+  MigrationRefusedError,
+  boolField,
+  fromBase64,
+  objectField,
+  stateStreamHooks,
+  toBase64,
+  type BulkData,
+  type StatefulDevice,
+} from '../server/state-stream';
 import { ConfigSpace, type BarOptions, type ConfigSpaceOptions } from './config-space';
 import { Command } from './ids';
 import { MsixTable } from './msix';
@@ -48,25 +58,45 @@ export interface PciDeviceOptions extends ConfigSpaceOptions {
   rom?: Uint8Array;
   /** More capabilities, placed after the built-in ones in this order. */
   capabilities?: Capability[];
-  migration?: MigrationHooks;
+  /**
+   * Migration: hooks of your own, or `true` for the built-in stream (docs/migration.md), which
+   * carries the whole visible PCI state (config space, MSI-X table and PBA, INTx level) plus what
+   * a subclass adds ({@link PciDevice.saveDeviceState}, {@link PciDevice.loadDeviceState}).
+   */
+  migration?: MigrationHooks | true;
 }
+
+/** Why a device is stopped (bits of {@link PciDevice.stopReasons}). */
+export const StopReason = {
+  /** The migration state machine stopped it (STOP, STOP_COPY, RESUMING). */
+  MIGRATION: 1,
+  /** Its client went away and the server keeps its state (`keepState`) until the next one uses it. */
+  DETACHED: 2,
+} as const;
 
 export class PciDevice implements VfioUserDevice {
   readonly flags = DeviceFlags.PCI | DeviceFlags.RESET;
   readonly config: ConfigSpace;
   readonly regions: (DeviceRegion | null)[];
   readonly irqs: IrqIndexInfo[];
-  readonly migration?: MigrationHooks;
+  /** Set by the `migration` option or {@link PciDevice.enableMigration}, before the server starts. */
+  migration?: MigrationHooks;
   /** The MSI-X table and PBA, when the device has MSI-X. */
   readonly msix: MsixTable | null = null;
   /** The MSI capability, when the device has MSI. */
   readonly msi: MsiCapability | null = null;
   protected ctx: DeviceContext | null = null;
   private intxLevel = false;
+  private readonly msixCap: MsixCapability | null = null;
+  /** {@link StopReason} bits; 0 while the device runs. */
+  private stops = 0;
+  /** Settles when the last stop has taken effect (I/O in flight finished). */
+  private stopping: Promise<void> = Promise.resolve();
+  /** @internal True while detached with kept state: the next BAR access resumes the device. */
+  detached = false;
 
   constructor(options: PciDeviceOptions) {
     this.config = new ConfigSpace(options);
-    this.migration = options.migration;
     this.regions = new Array<DeviceRegion | null>(PciRegion.NUM_FIXED).fill(null);
     let msixCap: MsixCapability | null = null;
     if (options.msix) {
@@ -76,12 +106,15 @@ export class PciDevice implements VfioUserDevice {
       this.msix = new MsixTable({ vectors: options.msix.vectors, honourTableMask: false, deliver: (v) => this.deliverVector(PciIrq.MSIX, v) });
       msixCap = new MsixCapability(this.msix, { table: options.msix.table, pba: options.msix.pba });
     }
+    this.msixCap = msixCap;
+    // The first access to a BAR after the client went away (state kept) resumes the device.
+    const wake = (): void => this.wake();
     for (const [key, bar] of Object.entries(options.bars ?? {})) {
       if (bar === undefined) continue;
       const index = Number(key);
       this.config.defineBar(index, bar);
       if (bar.mmap) sealSize(bar.mmap.fd);
-      this.regions[index] = barRegion(bar, index, msixCap);
+      this.regions[index] = barRegion(bar, index, msixCap, this, wake);
     }
     this.regions[PciRegion.CONFIG] = this.configRegion();
     if (options.rom) this.regions[PciRegion.ROM] = this.romRegion(options.rom);
@@ -104,6 +137,8 @@ export class PciDevice implements VfioUserDevice {
       { count: 1 },
     ];
     this.config.onCommandChange((command, previous) => this.onCommand(command, previous));
+    if (options.migration === true) this.enableMigration();
+    else if (options.migration !== undefined) this.migration = options.migration;
   }
 
   /**
@@ -123,8 +158,9 @@ export class PciDevice implements VfioUserDevice {
 
   /** Send `vector` of `index` through the client's eventfd; false (kept pending) without one. */
   private deliverVector(index: number, vector: number): boolean {
-    // MSI and MSI-X are memory writes by the function: not while bus mastering is off.
-    if (!this.config.busMaster) return false;
+    // MSI and MSI-X are memory writes by the function: not while bus mastering is off, nor while
+    // the device is stopped (they stay pending and go out when it runs again).
+    if (!this.config.busMaster || this.stops !== 0) return false;
     return this.ctx?.irqs.trigger(index, vector) ?? false;
   }
 
@@ -146,7 +182,11 @@ export class PciDevice implements VfioUserDevice {
     ctx.dma.enabled = this.config.busMaster;
   }
 
-  /** DEVICE_RESET, FLR, or the client went away: config space to power-on values, then the model. */
+  /**
+   * DEVICE_RESET, FLR, or the client went away: config space to power-on values, then the model.
+   * A device detached with its state kept runs again after a reset; one stopped for migration
+   * stays stopped (the migration state is the client's to change).
+   */
   async reset(reason: ResetReason): Promise<void> {
     // The line goes low first: the COMMAND listener config.reset() fires must not see it high.
     this.setIntx(false);
@@ -154,6 +194,149 @@ export class PciDevice implements VfioUserDevice {
     this.msix?.reset();
     if (this.ctx) this.ctx.dma.enabled = this.config.busMaster;
     await this.onReset(reason);
+    if ((this.stops & StopReason.DETACHED) !== 0) this.resume(StopReason.DETACHED);
+  }
+
+  // ---- stopping and running (migration, kept state) ----
+
+  /** {@link StopReason} bits: why the device is stopped (0: it runs). */
+  get stopReasons(): number {
+    return this.stops;
+  }
+
+  /** True while stopped for any reason: no DMA, no interrupts, no change of state by itself. */
+  get stopped(): boolean {
+    return this.stops !== 0;
+  }
+
+  /**
+   * Stop for `reason`. The first reason stops the model ({@link PciDevice.onStop}: no DMA, no
+   * interrupts, I/O in flight finished); resolves when that has taken effect.
+   */
+  async pause(reason: number): Promise<void> {
+    const before = this.stops;
+    this.stops |= reason;
+    if (before === 0) this.stopping = Promise.resolve(this.onStop(reason)).catch(() => undefined);
+    await this.stopping;
+  }
+
+  /** Withdraw stop `reason`; when none is left the model runs again ({@link PciDevice.onRun}). */
+  resume(reason: number): void {
+    if ((this.stops & reason) === 0) return;
+    this.stops &= ~reason;
+    if (reason === StopReason.DETACHED) this.detached = false;
+    if (this.stops !== 0) return;
+    this.onRun();
+    // What was held back while stopped goes out now.
+    this.msix?.retryPending();
+    this.msi?.retryPending();
+    if (this.intxLevel) this.signalIntx();
+  }
+
+  /** The server keeps this device for the next client (VfioUserDevice.suspend). */
+  async suspend(): Promise<void> {
+    this.detached = true;
+    await this.pause(StopReason.DETACHED);
+  }
+
+  /** A BAR access while detached: the new client uses the device, so it carries on. */
+  private wake(): void {
+    if (this.detached) this.resume(StopReason.DETACHED);
+  }
+
+  /**
+   * The model stops: no DMA and no interrupts from now on; resolve once I/O already started has
+   * finished. `reason` is the first {@link StopReason}. Default: nothing to do.
+   */
+  protected onStop(_reason: number): void | Promise<void> {}
+
+  /** The model runs again after {@link PciDevice.onStop}. */
+  protected onRun(): void {}
+
+  // ---- migration: the built-in state stream ----
+
+  /** Offer migration with the built-in stream (call in the constructor, before the server starts). */
+  protected enableMigration(): void {
+    const self = this;
+    const adapter: StatefulDevice = {
+      migrationIdentity: () => ({ kind: self.migrationKind(), pci: self.pciIdentity(), ...self.migrationIdentity() }),
+      setRunning: (running) => (running ? self.resume(StopReason.MIGRATION) : self.pause(StopReason.MIGRATION)),
+      saveState: () => ({ pci: self.savePciState(), device: self.saveDeviceState() }),
+      loadState: (state) => {
+        const s = objectField(state, 'state');
+        const applyPci = self.checkPciState(s.pci);
+        const applyDevice = self.loadDeviceState(s.device);
+        applyPci();
+        applyDevice();
+      },
+      bulkData: () => self.migrationBulkData(),
+    };
+    this.migration = stateStreamHooks(adapter);
+  }
+
+  /** The device kind in the migration stream (default: the class name). */
+  protected migrationKind(): string {
+    return this.constructor.name;
+  }
+
+  /** Identity and geometry a destination must share (merged into the stream header). */
+  protected migrationIdentity(): Record<string, unknown> {
+    return {};
+  }
+
+  /** The model's own state (JSON-serialisable), taken while stopped. */
+  protected saveDeviceState(): unknown {
+    return null;
+  }
+
+  /**
+   * Check `state` (from {@link PciDevice.saveDeviceState} of an identical device) and return a
+   * function that applies it; throw {@link MigrationRefusedError} to refuse, changing nothing.
+   */
+  protected loadDeviceState(_state: unknown): () => void {
+    return () => undefined;
+  }
+
+  /** Data the model migrates in bulk, iteratively (a RAM disk), or null. */
+  protected migrationBulkData(): BulkData | null {
+    return null;
+  }
+
+  private pciIdentity(): Record<string, unknown> {
+    const c = this.config;
+    return { vendorId: c.u16(0), deviceId: c.u16(2), classCode: c.u32(8) >>> 8, size: c.size, layout: c.fingerprint(), msix: this.msix?.vectors ?? 0 };
+  }
+
+  /** The whole visible PCI state: config space (BAR addresses, COMMAND/STATUS, every capability), MSI-X, INTx. */
+  private savePciState(): unknown {
+    const msix = this.msix?.snapshot();
+    return {
+      config: toBase64(this.config.snapshot()),
+      msix: msix === undefined ? null : { table: toBase64(msix.table), pba: toBase64(msix.pba) },
+      intx: this.intxLevel,
+    };
+  }
+
+  private checkPciState(value: unknown): () => void {
+    const s = objectField(value, 'pci');
+    const config = fromBase64(s.config, this.config.size, 'pci.config');
+    const intx = boolField(s.intx, 'pci.intx');
+    let msix: { table: Buffer; pba: Buffer } | null = null;
+    if (this.msix !== null) {
+      const m = objectField(s.msix, 'pci.msix');
+      msix = { table: fromBase64(m.table, this.msix.tableSize, 'pci.msix.table'), pba: fromBase64(m.pba, this.msix.pbaSize, 'pci.msix.pba') };
+    } else if (s.msix !== null) {
+      throw new MigrationRefusedError('pci.msix: the device here has no MSI-X');
+    }
+    return () => {
+      this.config.restore(config);
+      if (this.ctx) this.ctx.dma.enabled = this.config.busMaster;
+      if (msix !== null) {
+        this.msix!.restore(msix.table, msix.pba);
+        this.msix!.setControl(this.msixCap!.enabled, this.msixCap!.functionMasked);
+      }
+      this.intxLevel = intx;
+    };
   }
 
   /** Device-specific reset work; runs after config space is back to power-on values. */
@@ -176,7 +359,7 @@ export class PciDevice implements VfioUserDevice {
   }
 
   private signalIntx(): void {
-    if (this.ctx === null || (this.config.command & Command.INTX_DISABLE) !== 0) return;
+    if (this.ctx === null || this.stops !== 0 || (this.config.command & Command.INTX_DISABLE) !== 0) return;
     this.ctx.irqs.trigger(PciIrq.INTX, 0);
   }
 
@@ -234,8 +417,11 @@ function inside(offset: number, length: number, size: number): boolean {
   return Number.isSafeInteger(offset) && offset >= 0 && offset + length <= size;
 }
 
-/** A BAR's region: the MSI-X table and PBA (if they live here) are served by the MSI-X model. */
-function barRegion(bar: PciBar, index: number, msixCap: MsixCapability | null): DeviceRegion {
+/**
+ * A BAR's region: the MSI-X table and PBA (if they live here) are served by the MSI-X model.
+ * Every access first wakes a device detached with kept state (one field test while attached).
+ */
+function barRegion(bar: PciBar, index: number, msixCap: MsixCapability | null, owner: PciDevice, wake: () => void): DeviceRegion {
   const table = msixCap?.tableRange.bar === index ? msixCap.tableRange : null;
   const pba = msixCap?.pbaRange.bar === index ? msixCap.pbaRange : null;
   const msix = msixCap?.msix;
@@ -247,6 +433,7 @@ function barRegion(bar: PciBar, index: number, msixCap: MsixCapability | null): 
     size: bar.size,
     flags: RegionInfoFlags.READ | RegionInfoFlags.WRITE,
     read: (offset, dst) => {
+      if (owner.detached) wake();
       if (!inside(offset, dst.length, bar.size)) return Errno.EINVAL;
       if (within(table, offset, dst.length)) return msix!.readTable(offset - table!.offset, dst);
       if (within(pba, offset, dst.length)) return msix!.readPba(offset - pba!.offset, dst);
@@ -254,6 +441,7 @@ function barRegion(bar: PciBar, index: number, msixCap: MsixCapability | null): 
       return bar.read(offset, dst);
     },
     write: (offset, src) => {
+      if (owner.detached) wake();
       if (!inside(offset, src.length, bar.size)) return Errno.EINVAL;
       if (within(table, offset, src.length)) return msix!.writeTable(offset - table!.offset, src);
       if (within(pba, offset, src.length)) return msix!.writePba(offset - pba!.offset, src);

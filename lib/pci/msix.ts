@@ -215,6 +215,23 @@ export class MsixTable {
     return getLE(this.table, vector * MSIX_ENTRY_SIZE + MsixEntry.DATA, 4);
   }
 
+  /** Copies of the table and the PBA (device state, for migration). */
+  snapshot(): { table: Uint8Array; pba: Uint8Array } {
+    return { table: this.table.slice(), pba: this.pba.slice() };
+  }
+
+  /**
+   * Takes a table and PBA from a {@link snapshot} of a table of the same size. Enable and function
+   * mask come from config space ({@link setControl}). @throws RangeError for other sizes.
+   */
+  restore(table: Uint8Array, pba: Uint8Array): void {
+    if (table.length !== this.tableSize || pba.length !== this.pbaSize) {
+      throw new RangeError(`Expected an MSI-X snapshot of ${this.tableSize} + ${this.pbaSize} bytes, got ${table.length} + ${pba.length}`);
+    }
+    this.table.set(table);
+    this.pba.set(pba);
+  }
+
   /** Power-on state: every vector masked, addresses and data 0, nothing pending, disabled. */
   reset(): void {
     this.table.fill(0);

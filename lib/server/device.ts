@@ -53,6 +53,14 @@ export interface VfioUserDevice {
   attach(ctx: DeviceContext): void;
   /** DEVICE_RESET (and, by default, a client disconnect). Resolve when the reset is complete. */
   reset?(reason: ResetReason): void | Promise<void>;
+  /**
+   * The client went away and the server keeps the device's state for the next one (the
+   * `keepState` server option) instead of resetting it: stop DMA and interrupts, let I/O already
+   * started finish (its completions are kept for the next client), and resolve; the client's maps
+   * and eventfds are dropped after that. The device carries on by itself once the next client uses
+   * it (PciDevice: the first access to one of its BARs, a reset, or a migration state change).
+   */
+  suspend?(): void | Promise<void>;
   /** The client changed IRQ routing for `index` (e.g. gave an MSI-X vector its eventfd). */
   irqsChanged?(index: number): void;
   /** The server is closing for good: release device resources. */

@@ -90,6 +90,8 @@ export class DmaSpace {
   transport: DmaTransport | null = null;
   private logPageSize = 0;
   private readonly dirty = new Map<DmaRegion, Uint8Array>();
+  /** DMA_LOGGING_START's ranges (sorted, merged; empty = everything); pages outside are not logged. */
+  private logRanges: { start: number; end: number }[] = [];
   /** Maps found poisoned (their file shrank), each reported to {@link onPoison} once. */
   private readonly poisoned = new WeakSet<DmaRegion>();
   /**
@@ -162,7 +164,7 @@ export class DmaSpace {
     const sealed = fd !== null && isSealedAgainstShrinking(fd);
     const region: DmaRegion = { iova, size, flags, mapping, fileOffset: fd === null ? 0n : req.offset, fileId, sealed };
     // Only shared maps are logged: writes to message-only maps went through the client.
-    if (this.logPageSize > 0 && mapping !== null) this.dirty.set(region, newLog(size, this.logPageSize));
+    if (this.logPageSize > 0 && mapping !== null && this.inLoggedRange(region)) this.dirty.set(region, newLog(size, this.logPageSize));
     this.regions.splice(at, 0, region);
     return 0;
   }
@@ -198,6 +200,11 @@ export class DmaSpace {
    * A zero-copy view of `[iova, iova + length)` for use *now* (no reference is held: do not keep
    * it across an await). Throws {@link DmaError}: EPERM while bus mastering is off or for a
    * permission the client did not grant, ENOENT outside every fd-backed range.
+   *
+   * Dirty logging: a view for writing is used synchronously, so its pages are logged now (no
+   * DMA_LOGGING_REPORT can run before the writes land). I/O that writes later, through a view
+   * kept across an await, must say so when it is done: {@link DmaSpace.written}, or the release of
+   * {@link DmaSpace.acquire} / {@link DmaSpace.acquireRange}, which do it.
    */
   view(iova: number, length: number, write: boolean): Buffer {
     const region = this.check(iova, length, write);
@@ -230,7 +237,11 @@ export class DmaSpace {
     this.onPoison?.(region);
   }
 
-  /** Like {@link DmaSpace.view}, but holds the range mapped until `release()` (async device I/O). */
+  /**
+   * Like {@link DmaSpace.view}, but holds the range mapped until `release()` (async device I/O).
+   * With `write`, the pages are logged dirty again at `release()`: the device's writes land
+   * between the two, so a dirty-page report taken meanwhile cannot lose them.
+   */
   acquire(iova: number, length: number, write: boolean): DmaBuffer {
     const bytes = this.view(iova, length, write);
     const mapping = this.find(iova)!.mapping!.acquire();
@@ -240,6 +251,7 @@ export class DmaSpace {
       release: () => {
         if (released) return;
         released = true;
+        if (write) this.written(iova, length);
         mapping.release();
       },
     };
@@ -254,6 +266,9 @@ export class DmaSpace {
     const bufs: Buffer[] = [];
     const held: Mapping[] = [];
     const release = () => {
+      if (held.length === 0) return;
+      // Written pages are logged when the writes are done (see acquire()).
+      if (write) this.written(iova, length);
       for (const m of held.splice(0)) m.release();
     };
     try {
@@ -355,18 +370,44 @@ export class DmaSpace {
     return this.logPageSize > 0;
   }
 
-  /** Start logging pages the device writes through shared memory. Returns the page size used. */
-  startLogging(pageSize: number): number {
+  /**
+   * Start logging pages the device writes through shared memory, in `ranges` only (DMA_LOGGING_START's
+   * ranges; none = all memory). Returns the page size used.
+   */
+  startLogging(pageSize: number, ranges: readonly { iova: number; length: number }[] = []): number {
     const size = Math.min(MAX_LOG_PAGE, Math.max(PAGE, 2 ** Math.ceil(Math.log2(Math.max(pageSize, 1)))));
     this.logPageSize = size;
+    this.logRanges = mergeRanges(ranges);
     this.dirty.clear();
-    for (const r of this.regions) if (r.mapping !== null) this.dirty.set(r, newLog(r.size, size));
+    for (const r of this.regions) if (r.mapping !== null && this.inLoggedRange(r)) this.dirty.set(r, newLog(r.size, size));
     return size;
   }
 
   stopLogging(): void {
     this.logPageSize = 0;
+    this.logRanges = [];
     this.dirty.clear();
+  }
+
+  /**
+   * The device finished writing `[iova, iova + length)` (through views it kept across awaits):
+   * log its pages dirty. Cheap when not logging; ranges outside the maps are ignored.
+   */
+  written(iova: number, length: number): void {
+    if (this.logPageSize === 0 || length <= 0) return;
+    for (let at = iova, end = iova + length; at < end; ) {
+      const region = this.find(at);
+      if (region === null) return;
+      const n = Math.min(end, region.iova + region.size) - at;
+      this.markDirty(region, at, n);
+      at += n;
+    }
+  }
+
+  /** True if some of `region` lies in the logged ranges. */
+  private inLoggedRange(region: DmaRegion): boolean {
+    if (this.logRanges.length === 0) return true;
+    return this.logRanges.some((r) => r.start < region.iova + region.size && region.iova < r.end);
   }
 
   /**
@@ -404,8 +445,37 @@ export class DmaSpace {
   private markDirty(region: DmaRegion, iova: number, length: number): void {
     const log = this.dirty.get(region);
     if (log === undefined || length === 0) return;
-    const first = Math.floor((iova - region.iova) / this.logPageSize);
-    const last = Math.floor((iova - region.iova + length - 1) / this.logPageSize);
+    const ranges = this.logRanges;
+    if (ranges.length === 0) {
+      this.markPages(log, region, iova, iova + length);
+      return;
+    }
+    // Only the parts inside START's ranges.
+    for (const r of ranges) {
+      const start = Math.max(iova, r.start);
+      const end = Math.min(iova + length, r.end);
+      if (start < end) this.markPages(log, region, start, end);
+    }
+  }
+
+  private markPages(log: Uint8Array, region: DmaRegion, start: number, end: number): void {
+    const first = Math.floor((start - region.iova) / this.logPageSize);
+    const last = Math.floor((end - 1 - region.iova) / this.logPageSize);
     for (let p = first; p <= last; p++) log[p >> 3] = log[p >> 3]! | (1 << (p & 7));
   }
+}
+
+/** Sorted, merged, non-empty ranges as [start, end). */
+function mergeRanges(ranges: readonly { iova: number; length: number }[]): { start: number; end: number }[] {
+  const sorted = ranges
+    .filter((r) => r.length > 0)
+    .map((r) => ({ start: r.iova, end: r.iova + r.length }))
+    .sort((a, b) => a.start - b.start);
+  const out: { start: number; end: number }[] = [];
+  for (const r of sorted) {
+    const last = out[out.length - 1];
+    if (last !== undefined && r.start <= last.end) last.end = Math.max(last.end, r.end);
+    else out.push({ ...r });
+  }
+  return out;
 }

@@ -3,21 +3,65 @@
  * DEVICE_FEATURE MIG_DEVICE_STATE, and the data stream moved by MIG_DATA_READ / MIG_DATA_WRITE.
  *
  * The device supplies {@link MigrationHooks}; this module owns the states, the path through
- * intermediate states (the next-hop table of §5.3) and the byte stream, so devices only stop,
- * run, save and load.
+ * intermediate states (the next-hop table of §5.3) and the sessions, so devices only stop, run,
+ * save and load. A device saves either one blob (`save`/`load`: taken once it is stopped) or a
+ * stream (`saver`/`loader`: produced and consumed piece by piece, which lets a device send data
+ * while it still runs in PRE_COPY; `state-stream.ts` builds such a stream for our devices).
+ *
+ * Failure rules (our decisions, reference §5.3):
+ * - A failed arc leaves the state where the walk got to (the client GETs it).
+ * - A stream the device refuses (a bad header at MIG_DATA_WRITE, or RESUMING -> STOP finding it
+ *   incomplete or invalid) fails that command with EINVAL; the failed RESUMING -> STOP moves to
+ *   ERROR with nothing loaded. DEVICE_RESET (or the client going away) recovers ERROR to RUNNING.
+ * - A client that goes away ends its session ({@link Migration.abortSession}): a device stopped
+ *   for migration runs again, with its state intact (a stream is applied only when complete and
+ *   valid), and the state is RUNNING, so the next client, which may know nothing of migration,
+ *   finds a working device.
  */
 import { Errno, MigState, MigrationFlags } from '../protocol/constants';
 
-/** What a device implements to be migratable. */
+/** Produces a device's migration stream, piece by piece. */
+export interface MigrationSaver {
+  /**
+   * The next bytes of the stream, at most `max` (synchronously: MIG_DATA_READ is answered at once).
+   * While the device runs (`stopped` false: PRE_COPY) an empty result means "nothing more for
+   * now"; once it is stopped (STOP_COPY) it means the end. The bytes are not touched again by the
+   * saver once returned.
+   */
+  read(max: number, stopped: boolean): Uint8Array;
+  /** Called once the device is stopped for STOP_COPY, before the first read of that phase. */
+  stopped?(): void | Promise<void>;
+  /** The session ended (complete or cancelled). */
+  close?(): void;
+}
+
+/** Consumes a migration stream on the destination. */
+export interface MigrationLoader {
+  /** The next bytes, in order (any chunking). `data` is valid during the call only. Throw to refuse. */
+  write(data: Buffer): void;
+  /** The stream is complete (RESUMING -> STOP): validate and apply. Throw to refuse (nothing applied). */
+  finish(): void | Promise<void>;
+  /** The session ended without `finish` (refused, or the client went away). */
+  abort?(): void;
+}
+
+/** What a device implements to be migratable: `setRunning`, and either save/load or saver/loader. */
 export interface MigrationHooks {
   /** Offer PRE_COPY (saving while running). Default false: STOP_COPY only. */
   preCopy?: boolean;
-  /** Stop (false) or resume (true) the device: no DMA, no interrupts, no state change while stopped. */
+  /**
+   * Stop (false) or resume (true) the device: no DMA, no interrupts, no state change while stopped.
+   * Stopping resolves once I/O already started has finished.
+   */
   setRunning(running: boolean): void | Promise<void>;
-  /** The device's internal state as one opaque blob (taken when a saving session starts). */
-  save(): Uint8Array | Promise<Uint8Array>;
+  /** The device's internal state as one opaque blob (taken when it is stopped for STOP_COPY). */
+  save?(): Uint8Array | Promise<Uint8Array>;
   /** Load a blob produced by `save` (when RESUMING ends). Throw to refuse invalid data. */
-  load(data: Buffer): void | Promise<void>;
+  load?(data: Buffer): void | Promise<void>;
+  /** A saving session begins (RUNNING -> PRE_COPY, or STOP -> STOP_COPY). Takes precedence over `save`. */
+  saver?(): MigrationSaver;
+  /** A loading session begins (STOP -> RESUMING). Takes precedence over `load`. */
+  loader?(): MigrationLoader;
 }
 
 const { ERROR, STOP, RUNNING, STOP_COPY, RESUMING, PRE_COPY } = MigState;
@@ -31,11 +75,56 @@ const NEXT_HOP: Record<number, Record<number, number>> = {
   [PRE_COPY]: { [STOP]: RUNNING, [RUNNING]: RUNNING, [STOP_COPY]: STOP_COPY, [RESUMING]: RUNNING },
 };
 
+const EMPTY = new Uint8Array(0);
+
+/** A saver over `save()`: nothing while running, the whole blob (taken once stopped) after. */
+function blobSaver(save: () => Uint8Array | Promise<Uint8Array>): MigrationSaver {
+  let blob: Uint8Array | null = null;
+  let sent = 0;
+  return {
+    async stopped() {
+      blob = await save();
+    },
+    read(max, stopped) {
+      if (!stopped || blob === null) return EMPTY;
+      const n = Math.min(max, blob.length - sent);
+      const chunk = Buffer.from(blob.subarray(sent, sent + n));
+      sent += n;
+      return chunk;
+    },
+  };
+}
+
+/** A loader over `load()`: collects the stream, loads it whole. */
+function blobLoader(load: (data: Buffer) => void | Promise<void>): MigrationLoader {
+  let parts: Buffer[] = [];
+  return {
+    write(data) {
+      parts.push(Buffer.from(data));
+    },
+    async finish() {
+      const data = Buffer.concat(parts);
+      parts = [];
+      await load(data);
+    },
+    abort() {
+      parts = [];
+    },
+  };
+}
+
 export class Migration {
   state: number = RUNNING;
-  private outgoing: Uint8Array | null = null;
-  private sent = 0;
-  private incoming: Buffer[] = [];
+  /** Why the last stream was refused or the last load failed (for logs), or null. */
+  lastError: Error | null = null;
+  /** Told when a stream is refused (its reason), e.g. to log it: the client only sees EINVAL. */
+  onRefused: ((err: Error) => void) | null = null;
+  private saver: MigrationSaver | null = null;
+  private loader: MigrationLoader | null = null;
+  /** The loader refused the stream: later writes and RESUMING -> STOP fail. */
+  private refused: Error | null = null;
+  /** The device was stopped by this state machine (STOP, STOP_COPY, RESUMING, ERROR). */
+  private stopped = false;
 
   constructor(private readonly hooks: MigrationHooks) {}
 
@@ -53,7 +142,14 @@ export class Migration {
       if (next === undefined) return Errno.EINVAL;
       try {
         await this.arc(this.state, next);
-      } catch {
+      } catch (err) {
+        this.lastError = err as Error;
+        if (this.state === RESUMING && next === STOP) {
+          // The stream was incomplete or invalid: nothing was loaded; only a reset recovers.
+          this.endLoading();
+          this.state = ERROR;
+          this.onRefused?.(err as Error);
+        }
         return Errno.EINVAL;
       }
       this.state = next;
@@ -61,39 +157,62 @@ export class Migration {
     return 0;
   }
 
-  /** MIG_DATA_READ: up to `size` bytes of the saved stream; empty at the end. */
+  /** MIG_DATA_READ: up to `size` bytes of the stream being saved; empty = none (now, or at all). */
   read(size: number): Buffer | number {
-    if (this.state !== STOP_COPY && this.state !== PRE_COPY) return Errno.EINVAL;
-    const data = this.outgoing ?? new Uint8Array(0);
-    const n = Math.min(size, data.length - this.sent);
-    const chunk = Buffer.from(data.subarray(this.sent, this.sent + n));
-    this.sent += n;
-    return chunk;
+    const saver = this.saver;
+    if ((this.state !== STOP_COPY && this.state !== PRE_COPY) || saver === null) return Errno.EINVAL;
+    let out: Uint8Array;
+    try {
+      out = saver.read(size, this.state === STOP_COPY);
+    } catch (err) {
+      this.lastError = err as Error;
+      return Errno.EIO;
+    }
+    if (out.length > size) return Errno.EIO;
+    return Buffer.isBuffer(out) ? out : Buffer.from(out.buffer, out.byteOffset, out.byteLength);
   }
 
-  /** MIG_DATA_WRITE: append to the stream being resumed. */
+  /** MIG_DATA_WRITE: the next bytes of the stream being loaded (valid during the call). */
   write(data: Uint8Array): number {
-    if (this.state !== RESUMING) return Errno.EINVAL;
-    this.incoming.push(Buffer.from(data));
+    const loader = this.loader;
+    if (this.state !== RESUMING || loader === null || this.refused !== null) return Errno.EINVAL;
+    try {
+      loader.write(Buffer.isBuffer(data) ? data : Buffer.from(data.buffer, data.byteOffset, data.byteLength));
+    } catch (err) {
+      return this.refuse(err as Error);
+    }
     return 0;
   }
 
   /**
-   * The client went away: its data session ends with it. A saving or loading state falls back to
-   * the state the device is really in (PRE_COPY -> RUNNING, STOP_COPY and RESUMING -> STOP, the
-   * partial stream dropped, nothing loaded), so the next client starts from a plain state.
+   * The client went away: its session ends with it, and the next client finds a device that runs
+   * (see the module comment). Returns after the device was resumed, or reset and resumed.
    */
-  abortSession(): void {
-    this.outgoing = null;
-    this.sent = 0;
-    this.incoming = [];
-    if (this.state === PRE_COPY) this.state = RUNNING;
-    else if (this.state === STOP_COPY || this.state === RESUMING) this.state = STOP;
+  async abortSession(): Promise<void> {
+    this.endSaving();
+    this.endLoading();
+    this.state = RUNNING;
+    if (this.stopped) {
+      this.stopped = false;
+      await this.hooks.setRunning(true);
+    }
   }
 
   /** Reset: ERROR recovers to RUNNING; other states are left alone (reference §5.3 decision). */
-  onReset(): void {
-    if (this.state === ERROR) this.state = RUNNING;
+  async onReset(): Promise<void> {
+    if (this.state !== ERROR) return;
+    this.state = RUNNING;
+    if (this.stopped) {
+      this.stopped = false;
+      await this.hooks.setRunning(true);
+    }
+  }
+
+  private refuse(err: Error): number {
+    this.refused = err;
+    this.lastError = err;
+    this.onRefused?.(err);
+    return Errno.EINVAL;
   }
 
   private reachable(target: number): boolean {
@@ -101,25 +220,50 @@ export class Migration {
     return target === STOP || target === RUNNING || target === STOP_COPY || target === RESUMING;
   }
 
+  private startSaving(): void {
+    const h = this.hooks;
+    this.saver = h.saver ? h.saver() : h.save ? blobSaver(h.save) : blobSaver(() => EMPTY);
+  }
+
+  private endSaving(): void {
+    const saver = this.saver;
+    this.saver = null;
+    saver?.close?.();
+  }
+
+  private endLoading(): void {
+    const loader = this.loader;
+    this.loader = null;
+    this.refused = null;
+    loader?.abort?.();
+  }
+
   private async arc(from: number, to: number): Promise<void> {
-    if (from === RUNNING && to === STOP) await this.hooks.setRunning(false);
-    else if (from === STOP && to === RUNNING) await this.hooks.setRunning(true);
-    else if (from === PRE_COPY && to === STOP_COPY) await this.hooks.setRunning(false);
-    // The whole state is one blob taken once the device is stopped; PRE_COPY runs the session
-    // but has nothing to send early (a MIG_DATA_READ there returns 0 bytes: "nothing for now").
-    if (to === PRE_COPY) {
-      this.outgoing = null;
-      this.sent = 0;
-    } else if (to === STOP_COPY) {
-      this.outgoing = await this.hooks.save();
-      this.sent = 0;
+    if ((from === RUNNING && to === STOP) || (from === PRE_COPY && to === STOP_COPY)) {
+      await this.hooks.setRunning(false);
+      this.stopped = true;
+      if (to === STOP_COPY) await this.saver?.stopped?.();
+    } else if (from === STOP && to === RUNNING) {
+      await this.hooks.setRunning(true);
+      this.stopped = false;
     }
-    if (from === STOP_COPY || (from === PRE_COPY && to === RUNNING)) this.outgoing = null;
-    if (to === RESUMING) this.incoming = [];
+    if (to === PRE_COPY) this.startSaving();
+    if (from === STOP && to === STOP_COPY) {
+      this.startSaving();
+      await this.saver?.stopped?.();
+    }
+    if (from === STOP_COPY || (from === PRE_COPY && to === RUNNING)) this.endSaving();
+    if (to === RESUMING) {
+      const h = this.hooks;
+      this.refused = null;
+      this.loader = h.loader ? h.loader() : h.load ? blobLoader(h.load) : blobLoader(() => undefined);
+    }
     if (from === RESUMING) {
-      const data = Buffer.concat(this.incoming);
-      this.incoming = [];
-      await this.hooks.load(data);
+      const loader = this.loader;
+      if (this.refused !== null) throw this.refused;
+      if (loader === null) throw new Error('no loading session');
+      await loader.finish();
+      this.loader = null;
     }
   }
 }

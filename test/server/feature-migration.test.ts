@@ -234,14 +234,19 @@ describe('migration: data', () => {
     expect(device.log).toEqual(['stop', 'load 10000', 'run']);
   });
 
-  it('destination: a load the device refuses fails the SET and stays RESUMING', async () => {
+  it('destination: a load the device refuses fails the SET and goes to ERROR; DEVICE_RESET recovers', async () => {
     const device = new MigratableDevice();
     device.failLoad = true;
     const { client } = await setup(device);
     expect(await setState(client, RESUMING)).toBeInstanceOf(Buffer);
     expect(await migWrite(client, Buffer.from('garbage'))).toBeInstanceOf(Buffer);
     expect(await setState(client, RUNNING)).toBe(Errno.EINVAL);
-    expect(await getState(client)).toBe(RESUMING);
+    expect(await getState(client)).toBe(MigState.ERROR);
+    // Nothing can be requested from ERROR; a reset runs the device again.
+    expect(await setState(client, STOP)).toBe(Errno.EINVAL);
+    expect(await client.msg(Command.DEVICE_RESET)).toBeInstanceOf(Buffer);
+    expect(await getState(client)).toBe(RUNNING);
+    expect(device.log).toEqual(['stop', 'load 7', 'run']);
   });
 
   it('refuses region accesses in STOP_COPY, allows them in STOP', async () => {
@@ -380,11 +385,11 @@ describe('migration across a client hang-up', () => {
     await gone;
     const next = await rawClient(socketPath);
     try {
-      // STOP, not RESUMING, and nothing of the half stream was loaded.
-      expect(await getState(next)).toBe(STOP);
-      expect(device.loaded).toBeNull();
-      expect(await setState(next, RUNNING)).toBeInstanceOf(Buffer);
+      // RUNNING, not RESUMING (a client that knows nothing of migration can use it), and nothing
+      // of the half stream was loaded.
       expect(await getState(next)).toBe(RUNNING);
+      expect(device.loaded).toBeNull();
+      expect(device.log).toEqual(['stop', 'run']);
     } finally {
       next.close();
     }

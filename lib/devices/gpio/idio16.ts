@@ -20,6 +20,7 @@
 import { EventEmitter } from 'node:events';
 import { PciDevice } from '../../pci/device';
 import type { ResetReason } from '../../server/device';
+import { boolField, intField, objectField } from '../../server/state-stream';
 
 export const IDIO16_VENDOR_ID = 0x494f;
 export const IDIO16_DEVICE_ID = 0x0dc8;
@@ -74,6 +75,7 @@ export class Idio16Device extends PciDevice {
         },
       },
     });
+    this.enableMigration();
   }
 
   /** The 16 outputs as the guest last set them (bit n = OUTn). */
@@ -169,6 +171,36 @@ export class Idio16Device extends PciDevice {
   private clearInterrupt(): void {
     this.status = 0;
     this.setIntx(false);
+  }
+
+  // ---- migration: registers and interrupt state (PCI state comes with PciDevice) ----
+
+  protected override migrationKind(): string {
+    return 'idio16';
+  }
+
+  protected override saveDeviceState(): unknown {
+    return { outputs: this.outputValue, inputs: this.inputValue, irqEnabled: this.irqEnabled, filters: this.filtersActive, status: this.status };
+  }
+
+  protected override loadDeviceState(state: unknown): () => void {
+    const s = objectField(state, 'idio16');
+    const outputs = intField(s.outputs, 'idio16.outputs', 0, 0xffff);
+    const inputs = intField(s.inputs, 'idio16.inputs', 0, 0xffff);
+    const irqEnabled = boolField(s.irqEnabled, 'idio16.irqEnabled');
+    const filters = boolField(s.filters, 'idio16.filters');
+    const status = intField(s.status, 'idio16.status', 0, 7);
+    return () => {
+      this.inputValue = inputs;
+      this.filtersActive = filters;
+      this.status = status;
+      // Through the setters, so observers see the destination take over the outputs and IRQ state.
+      if (irqEnabled !== this.irqEnabled) {
+        this.irqEnabled = irqEnabled;
+        this.events.emit('irq', irqEnabled);
+      }
+      this.setOutputs(outputs);
+    };
   }
 
   /** Input filters are accepted and reported but change nothing in an emulation. */

@@ -127,6 +127,9 @@ export class Transfer {
   private readonly held: Mapping[] = [];
   /** True when the data must be copied through {@link DmaSpace.read}/{@link DmaSpace.write}. */
   bounced = false;
+  /** For dirty logging at release: where the device wrote guest memory (a Read command). */
+  private dma: DmaSpace | null = null;
+  private segs: Segments | null = null;
 
   /**
    * Views of every segment; `toGuest`: the device writes guest memory (a Read command).
@@ -134,6 +137,10 @@ export class Transfer {
    */
   acquire(dma: DmaSpace, segs: Segments, toGuest: boolean): number {
     this.release();
+    if (toGuest) {
+      this.dma = dma;
+      this.segs = segs;
+    }
     for (let s = 0; s < segs.count; s++) {
       let at = segs.iova[s]!;
       let rest = segs.length[s]!;
@@ -173,8 +180,18 @@ export class Transfer {
     return hit;
   }
 
-  /** Drops every reference (idempotent). */
+  /**
+   * Drops every reference (idempotent). A transfer into guest memory logs its pages dirty here,
+   * once the backend has written them (and before the maps may go).
+   */
   release(): void {
+    const dma = this.dma;
+    if (dma !== null) {
+      this.dma = null;
+      const segs = this.segs!;
+      this.segs = null;
+      if (dma.logging && this.held.length > 0) for (let s = 0; s < segs.count; s++) dma.written(segs.iova[s]!, segs.length[s]!);
+    }
     for (const m of this.held) {
       try {
         m.release();

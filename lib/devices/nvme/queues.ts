@@ -235,6 +235,23 @@ export class SubmissionQueue {
     return req;
   }
 
+  /**
+   * A command that was in flight on the migration source (an outstanding Asynchronous Event
+   * Request, a completion waiting for room): taken from the pool as if fetched.
+   */
+  restoreRequest(cid: number, opcode: number): Request {
+    const req = this.pool.pop() ?? new Request(this);
+    req.opcode = opcode;
+    req.flags = 0;
+    req.cid = cid;
+    req.status = 0;
+    req.dw0 = 0;
+    req.dw1 = 0;
+    req.lba = 0;
+    this.inflight++;
+    return req;
+  }
+
   /** Returns a Request to the pool once its completion is posted (or dropped). */
   recycle(req: Request): void {
     req.done();

@@ -22,6 +22,15 @@
  * complete awaited), disables MSI-X and releases every eventfd, mapping and DMA range the driver
  * took. The client itself stays open: it belongs to the caller.
  *
+ * Keeping queues across connections: with a client made with the `reconnect` option, a lost
+ * connection leaves the driver waiting (commands stay outstanding, doorbells written meanwhile are
+ * kept in the rings); after {@link VfioUserClient.reconnect} it maps the doorbells again, reads
+ * CSTS (which also tells a server keeping the device that its client is back), rings every
+ * doorbell with its current value and reaps what completed meanwhile. A controller that lost its
+ * state (a restarted server) fails every outstanding command with {@link NvmeAbortedError}
+ * 'ECONNRESET'. {@link NvmeDriver.prepareMove} and {@link NvmeDriver.completeMove} move the driver
+ * to another client (a migration destination), the queues going on where they were.
+ *
  * Errors: an admin command the controller fails rejects with {@link NvmeError}; a register
  * handshake that does not finish within CAP.TO rejects with an Error whose `code` is
  * 'ETIMEDOUT'; a device that is not an NVMe controller is 'ENODEV'; vfio-user failures are the
@@ -123,8 +132,8 @@ function codeError(code: string, message: string): Error {
 
 /** A controller driven from user space. */
 export class NvmeDriver {
-  readonly client: VfioUserClient;
-  readonly pci: PciFunction;
+  #client: VfioUserClient;
+  #pci: PciFunction;
   readonly cap: ControllerCapabilities;
   readonly version: ControllerVersion;
   /** Memory page size in use (CC.MPS), bytes. */
@@ -158,10 +167,20 @@ export class NvmeDriver {
   #failure: Error | null = null;
   readonly #onIrq = (index: number, vector: number): void => this.#irq(index, vector);
   readonly #onClientClose = (err: Error | null): void => this.#lost(err);
+  readonly #onDisconnect = (): void => {
+    debug('connection lost: waiting for a reconnect');
+  };
+  readonly #onReconnect = (): void => {
+    this.#reattaching = this.#reattach().catch((err: unknown) => this.#fatal(err as Error));
+  };
+  /** Settles when the work after the last reconnect is done. */
+  #reattaching: Promise<void> = Promise.resolve();
+  /** A move to another client is under way: doorbell failures on the old one do not matter. */
+  #move: { client: VfioUserClient; pci: PciFunction } | null = null;
 
   private constructor(client: VfioUserClient, pci: PciFunction, cap: ControllerCapabilities, version: ControllerVersion, pageSize: number, completions: CompletionMode, options: NvmeDriverOptions) {
-    this.client = client;
-    this.pci = pci;
+    this.#client = client;
+    this.#pci = pci;
     this.cap = cap;
     this.version = version;
     this.pageSize = pageSize;
@@ -215,6 +234,21 @@ export class NvmeDriver {
   }
 
   // ---- what the controller is ----
+
+  /** The client the controller is reached through (another one after {@link NvmeDriver.completeMove}). */
+  get client(): VfioUserClient {
+    return this.#client;
+  }
+
+  /** The PCI function (config space) of the controller. */
+  get pci(): PciFunction {
+    return this.#pci;
+  }
+
+  /** Settles when the driver has caught up after the client's last reconnect. */
+  get reattached(): Promise<void> {
+    return this.#reattaching;
+  }
 
   /** Identify Controller, as read at bring-up. */
   get controller(): IdentifyController {
@@ -552,7 +586,7 @@ export class NvmeDriver {
   // ---- bring-up ----
 
   async #bringUp(): Promise<void> {
-    this.client.on('close', this.#onClientClose);
+    this.#listen(this.client);
     this.#setUpDoorbells();
     await this.#disable();
     if (this.completions === 'msix') await this.#setUpMsix();
@@ -719,8 +753,9 @@ export class NvmeDriver {
       qp.abort(aborted);
     }
     this.#admin?.abort(aborted);
-    this.client.off('irq', this.#onIrq);
-    this.client.off('close', this.#onClientClose);
+    this.#unlisten(this.client);
+    if (this.#move !== null) this.#unlisten(this.#move.client);
+    this.#move = null;
     this.#shadow?.close();
     this.#shadow = null;
     this.#doorbells.close();
@@ -770,11 +805,123 @@ export class NvmeDriver {
 
   /** A doorbell could not be written: the queues cannot make progress. */
   #fatal(err: Error): void {
+    // Not while the connection is being replaced: every doorbell is rung again afterwards.
+    if (this.client.disconnected || this.#move !== null) {
+      debug('doorbell write failed while reconnecting or moving (rung again later): %s', err.message);
+      return;
+    }
     if (this.#failure !== null) return;
     debug('doorbell write failed: %s', err.message);
     this.#failure = new NvmeAbortedError('ECONNRESET', `a doorbell write failed: ${err.message}`, { cause: err });
     for (const qp of this.#queues.values()) qp.abort(this.#failure);
     this.#admin?.abort(this.#failure);
+  }
+
+  // ---- reconnecting and moving ----
+
+  #listen(client: VfioUserClient): void {
+    client.on('close', this.#onClientClose);
+    client.on('disconnect', this.#onDisconnect);
+    client.on('reconnect', this.#onReconnect);
+  }
+
+  #unlisten(client: VfioUserClient): void {
+    client.off('irq', this.#onIrq);
+    client.off('close', this.#onClientClose);
+    client.off('disconnect', this.#onDisconnect);
+    client.off('reconnect', this.#onReconnect);
+  }
+
+  /** Doorbell writers for the current client (mapped page if wanted and offered), given to every queue. */
+  #rebuildDoorbells(): void {
+    this.#doorbells.close();
+    this.#doorbells = new MessageDoorbells(this.client, BAR0, (err) => this.#fatal(err));
+    this.#setUpDoorbells();
+    if (this.#shadow !== null && this.#shadowMemory !== null) {
+      this.#shadow.close();
+      const bytes = this.#shadowMemory.bytes;
+      this.#shadow = new ShadowDoorbells(bytes.subarray(0, this.pageSize), bytes.subarray(this.pageSize, 2 * this.pageSize), sqTailDoorbell(0, this.cap.doorbellStride), this.cap.doorbellStride, this.#doorbells);
+      this.#ioDoorbells = this.#shadow;
+    } else {
+      this.#ioDoorbells = this.#doorbells;
+    }
+    this.#admin?.setDoorbells(this.#doorbells);
+    for (const qp of this.#queues.values()) qp.setDoorbells(this.#ioDoorbells);
+  }
+
+  /** Every doorbell rung with its current value, and everything posted meanwhile reaped. */
+  #kick(): void {
+    this.#admin?.kick();
+    for (const qp of this.#queues.values()) qp.kick();
+  }
+
+  /** After the client reconnected: doorbells again, then carry on if the controller kept its state. */
+  async #reattach(): Promise<void> {
+    if (this.#state === 'closed' || this.#state === 'closing') return;
+    this.#rebuildDoorbells();
+    // A register read: a server keeping the device resumes it at the first BAR access.
+    const csts = await this.#reg(Reg.CSTS);
+    const cc = await this.#reg(Reg.CC);
+    if (csts === 0xffffffff || (csts & Csts.RDY) === 0 || (csts & Csts.CFS) !== 0 || (cc & Cc.EN) === 0) {
+      const why = new NvmeAbortedError('ECONNRESET', `the controller did not keep its state across the reconnect (CC 0x${cc.toString(16)}, CSTS 0x${csts.toString(16)})`);
+      this.#failure = why;
+      for (const qp of this.#queues.values()) qp.abort(why);
+      this.#admin?.abort(why);
+      throw why;
+    }
+    this.#kick();
+    debug('reattached: queues carry on');
+  }
+
+  /**
+   * First half of moving to `destination` (a migration destination, or another connection to a
+   * device that keeps its state), done before the device stops: grants every DMA range the
+   * driver uses (queues, admin queue, shadow doorbells, buffers) to the destination at the same
+   * addresses, gives it eventfds for the MSI-X vectors, and reads its config space. Doorbell
+   * failures on the current client are ignored from now until {@link NvmeDriver.completeMove}.
+   */
+  async prepareMove(destination: VfioUserClient): Promise<void> {
+    this.#assertUsable();
+    if (destination === this.client) throw new TypeError('Expected another client to move to');
+    const pci = await PciFunction.open(destination);
+    const memories = [...this.#queueMemory.values(), ...this.#buffers];
+    if (this.#adminMemory !== null) memories.push(this.#adminMemory);
+    if (this.#shadowMemory !== null) memories.push(this.#shadowMemory);
+    for (const mem of memories.sort((a, b) => a.iova - b.iova)) await destination.shareDma(mem);
+    if (this.#vectors > 0) {
+      await destination.enableIrqs(PciIrq.MSIX, this.#vectors);
+      destination.on('irq', this.#onIrq);
+    }
+    this.#move = { client: destination, pci };
+  }
+
+  /**
+   * Second half of a move (inside a migration's downtime: `migrate`'s `beforeResume`): from now on
+   * the driver uses the destination. Doorbells are set up on it and rung with their current
+   * values (a device that does not run yet takes them when it does), and the queues are reaped.
+   * The old client is left to its owner (its maps are released when it closes).
+   */
+  completeMove(): void {
+    const move = this.#move;
+    if (move === null) throw new Error('prepareMove() first');
+    const old = this.client;
+    this.#unlisten(old);
+    this.#client = move.client;
+    this.#pci = move.pci;
+    this.#move = null;
+    this.#listen(this.client);
+    if (this.#vectors > 0) this.client.on('irq', this.#onIrq);
+    this.#rebuildDoorbells();
+    this.#kick();
+  }
+
+  /** A move that will not happen (the migration failed): stay on the current client. */
+  async cancelMove(): Promise<void> {
+    const move = this.#move;
+    if (move === null) return;
+    this.#move = null;
+    move.client.off('irq', this.#onIrq);
+    this.#kick();
   }
 
   #forget(qp: QueuePair): void {

@@ -20,6 +20,11 @@ export interface DoorbellWriter {
   readonly kind: 'mmap' | 'message';
   /** Writes `value` to the 32-bit doorbell at `offset` in BAR0. Never throws. */
   write(offset: number, value: number): void;
+  /**
+   * Writes the real doorbell whatever the writer would skip (a shadow doorbell's EventIdx): after
+   * a reconnect or a move, so the controller sees the value even if an earlier write was lost.
+   */
+  ring(offset: number, value: number): void;
   /** Releases what the writer holds (the mapping). Idempotent. */
   close(): void;
 }
@@ -52,6 +57,10 @@ export class MessageDoorbells implements DoorbellWriter {
     } catch (err) {
       this.#failed(err);
     }
+  }
+
+  ring(offset: number, value: number): void {
+    this.write(offset, value);
   }
 
   close(): void {
@@ -107,6 +116,10 @@ export class MappedDoorbells implements DoorbellWriter {
       return;
     }
     this.#fallback.write(offset, value);
+  }
+
+  ring(offset: number, value: number): void {
+    this.write(offset, value);
   }
 
   /** Stops writing and unmaps the doorbell page. Idempotent. */
@@ -171,6 +184,13 @@ export class ShadowDoorbells implements DoorbellWriter {
     } else {
       this.counts.shadowed++;
     }
+  }
+
+  ring(offset: number, value: number): void {
+    if (this.#closed) return;
+    const index = (offset - this.#first) >>> 2;
+    if (offset >= this.#adminEnd && index < this.#dbs.length) Atomics.store(this.#dbs, index, value);
+    this.#fallback.ring(offset, value);
   }
 
   /**

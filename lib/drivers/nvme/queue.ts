@@ -217,7 +217,7 @@ export class QueuePair {
   readonly #lists: Buffer;
   readonly #listIova: number;
   readonly #slotBytes: number;
-  readonly #doorbells: DoorbellWriter;
+  #doorbells: DoorbellWriter;
   readonly #sqDoorbell: number;
   readonly #cqDoorbell: number;
   readonly #timeoutMs: number;
@@ -407,6 +407,23 @@ export class QueuePair {
       this.#polling = false;
     }
     return n;
+  }
+
+  /** @internal Writes doorbells through `writer` from now on (after a reconnect or a move). */
+  setDoorbells(writer: DoorbellWriter): void {
+    this.#doorbells = writer;
+  }
+
+  /**
+   * @internal Rings the SQ tail and CQ head doorbells with the current values, whatever was
+   * written before (a doorbell lost with a connection), then reaps what completed meanwhile.
+   */
+  kick(): void {
+    if (this.#closed !== null) return;
+    this.#doorbells.ring(this.#sqDoorbell, this.#sqTail);
+    this.#doorbells.ring(this.#cqDoorbell, this.#cqHead);
+    this.poll();
+    if (this.mode === 'poll' && this.#outstanding > 0) this.#schedulePoll();
   }
 
   /** Resolves once nothing is outstanding or waiting (immediately if so now, or if closed). */
