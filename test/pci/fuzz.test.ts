@@ -11,6 +11,7 @@
  * them (INTx not disabled; MSI enabled, granted, unmasked, bus master; MSI-X enabled, not
  * function-masked, bus master).
  */
+import { debuglog } from 'node:util';
 import fc from 'fast-check';
 import { afterAll, beforeAll, describe, expect, it, vi } from 'vitest';
 import { binding } from '../../lib/native/binding';
@@ -444,6 +445,9 @@ async function runOps(make: () => Subject, list: readonly Op[], cov: Coverage): 
 
 // ---- the properties ----------------------------------------------------------------------------------
 
+/** What the runs reached, one long line per property: NODE_DEBUG=vfio-user:fuzz shows it. */
+const stats = debuglog('vfio-user:fuzz');
+
 describe('PciDevice models through their regions only', () => {
   it('a function with PM, MSI, MSI-X, PCIe, vendor and DSN capabilities, RAM, I/O and ROM BARs', async () => {
     const cov = emptyCoverage();
@@ -451,7 +455,7 @@ describe('PciDevice models through their regions only', () => {
       fc.asyncProperty(ops(fullFunction), (list) => runOps(fullFunction, list, cov)),
       { numRuns: 1500 },
     );
-    console.log(`full function: ${JSON.stringify(cov)}`);
+    stats('full function: %s', JSON.stringify(cov));
     expect(signalSpy!.mock.calls.length, 'the eventfd watch is in place').toBeGreaterThan(0);
     // The runs reached the states that matter: refusals, MSI and MSI-X enabled, interrupts sent.
     expect(cov.refused).toBeGreaterThan(0);
@@ -468,7 +472,7 @@ describe('PciDevice models through their regions only', () => {
       fc.asyncProperty(ops(idio16), (list) => runOps(idio16, list, cov)),
       { numRuns: 1500 },
     );
-    console.log(`IDIO-16: ${JSON.stringify(cov)}`);
+    stats('IDIO-16: %s', JSON.stringify(cov));
     expect(cov.refused).toBeGreaterThan(0);
     expect(cov.delivered[PciIrq.INTX]).toBeGreaterThan(0);
   }, 60_000);

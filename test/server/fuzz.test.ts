@@ -26,6 +26,7 @@
 import * as fs from 'node:fs';
 import * as os from 'node:os';
 import * as path from 'node:path';
+import { debuglog } from 'node:util';
 import fc from 'fast-check';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import { binding, WOULD_BLOCK } from '../../lib/native/binding';
@@ -1081,6 +1082,9 @@ async function fuzzOnce(h: Harness, seed: number, steps: readonly Step[]): Promi
 
 // ---- the properties --------------------------------------------------------------------------------
 
+/** What the runs reached, one long line per property: NODE_DEBUG=vfio-user:fuzz shows it. */
+const stats = debuglog('vfio-user:fuzz');
+
 function summary(h: Harness): string {
   const known = [...h.known].map(([k, n]) => `${k}=${n}`).join(' ') || 'none';
   const s = h.stats;
@@ -1101,7 +1105,7 @@ describe('a hostile client', () => {
           fc.asyncProperty(run, ({ seed, steps }) => fuzzOnce(h, seed, steps)),
           { numRuns },
         );
-        console.log(summary(h));
+        stats('%s', summary(h));
         // The mix reached every way a stream can end.
         expect(h.stats.barrier).toBeGreaterThan(numRuns / 2);
         expect(h.stats.close + h.stats.partial + h.stats.big).toBeGreaterThan(0);
