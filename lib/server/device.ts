@@ -5,6 +5,7 @@
  */
 import type { Fd } from '../native/fd';
 import type { DmaSpace } from './dma';
+import type { IoEventfd } from './ioeventfd';
 import type { IrqIndexInfo, IrqTable } from './irq';
 import type { MigrationHooks } from './migration';
 
@@ -32,6 +33,12 @@ export interface DeviceRegion {
   };
   /** Device-specific regions (index >= 9) carry a type capability. */
   readonly type?: { readonly type: number; readonly subtype: number };
+  /**
+   * ioeventfds offered for parts of the region (DEVICE_GET_REGION_IO_FDS; see ioeventfd.ts), read
+   * at each query: assign a new array to change them. Writes they stand for may still arrive as
+   * REGION_WRITE from clients that do not use them.
+   */
+  ioeventfds?: readonly IoEventfd[];
 }
 
 /** Handed to the device once: its view of the client's memory and interrupt routing. */

@@ -2,5 +2,6 @@ export { VfioUserServer, type ServerOptions, type VfioUserServerEvents } from '.
 export type { VfioUserDevice, DeviceRegion, DeviceContext, ResetReason, AccessResult } from './device';
 export { DmaSpace, DmaError, type DmaRegion, type DmaBuffer, type DmaTransport } from './dma';
 export { IrqTable, type IrqIndexInfo } from './irq';
+export { checkIoEventfd, type IoEventfd, type IoEventfdSize } from './ioeventfd';
 export { Migration, type MigrationHooks, type MigrationSaver, type MigrationLoader } from './migration';
 export { stateStreamHooks, MigrationRefusedError, STATE_FORMAT_VERSION, type StatefulDevice, type BulkData } from './state-stream';

@@ -17,7 +17,6 @@ import {
   decodeRegionInfoRequest,
   decodeRegionIoFdsRequest,
   encodeRegionInfoReply,
-  encodeRegionIoFdsReply,
   sparseMmapCap,
   typeCap,
   type RegionCapability,
@@ -46,6 +45,7 @@ import {
 import { decodeMigDataReadRequest, decodeMigDataWriteRequest, encodeMigDataReadReply } from '../protocol/messages/migration';
 import { Connection, type Body, type IncomingMessage } from '../transport/connection';
 import { DmaError, type DmaSpace, type DmaTransport } from './dma';
+import { regionIoFdsReply } from './ioeventfd';
 import type { AccessResult, DeviceRegion, ResetReason, VfioUserDevice } from './device';
 import type { IrqTable } from './irq';
 import type { Migration } from './migration';
@@ -255,6 +255,12 @@ export class Session {
     if (this.negotiated === null && msg.command === Command.VERSION && result !== 0 && typeof result === 'number') {
       this.conn.close(new ProtocolError('VERSION negotiation failed'));
     }
+  }
+
+  /** A device model's mistake: reported as 'error' (when anyone listens), the server goes on. */
+  deviceError(err: unknown): void {
+    debug('device error: %s', (err as Error)?.message ?? String(err));
+    if (this.core.listenerCount('error') > 0) this.core.emit('error', err);
   }
 
   private errnoOf(err: unknown, msg: IncomingMessage): number {
@@ -582,9 +588,8 @@ const HANDLERS: Partial<Record<number, Handler>> = {
 
   [Command.DEVICE_GET_REGION_IO_FDS]: (s, msg) => {
     const req = decodeRegionIoFdsRequest(msg.payload);
-    if (req.argsz < 16 || req.index >= s.device.regions.length) return Errno.EINVAL;
-    // No ioeventfds are offered: a valid reply with no sub-regions.
-    return encodeRegionIoFdsReply({ index: req.index, subRegions: [] }, req.argsz);
+    if (msg.fdCount !== 0 || req.argsz < 16 || req.index >= s.device.regions.length) return Errno.EINVAL;
+    return regionIoFdsReply(req, s.device.regions[req.index], s.conn.maxSendFds, (why) => s.deviceError(new RangeError(why)));
   },
 
   [Command.DEVICE_GET_IRQ_INFO]: (s, msg) => {
