@@ -9,6 +9,8 @@
  * messages) make the whole range go through a bounce buffer instead ({@link ElementData.bounced}).
  *
  * Reused across requests (one per pooled element): only the views themselves are new objects.
+ * The arrays keep their capacity (V8 reallocates an array whose length was set to 0), so a
+ * request with one data buffer allocates nothing here but its view.
  *
  * @packageDocumentation
  */
@@ -18,9 +20,12 @@ import type { DmaSpace } from '../server/dma';
 import { usable } from './memory';
 import type { VirtqElement } from './virtqueue';
 
+const EMPTY = Buffer.alloc(0);
+
 export class ElementData {
-  /** The views, in order (empty when bounced). */
-  readonly bufs: Buffer[] = [];
+  /** The views, in order: the first {@link count} entries (none when bounced). */
+  readonly views: Buffer[] = [];
+  count = 0;
   /** The guest ranges the data covers (merged where contiguous): addresses and lengths. */
   readonly iova: number[] = [];
   readonly lens: number[] = [];
@@ -29,7 +34,9 @@ export class ElementData {
   length = 0;
   /** True when the data must be copied with {@link gather}/{@link scatter} (a message-only map). */
   bounced = false;
-  private readonly held: Mapping[] = [];
+  /** The maps the views hold a reference on: the first {@link heldCount} entries. */
+  private readonly held: (Mapping | null)[] = [];
+  private heldCount = 0;
 
   /**
    * Maps bytes `[from, from + length)` of `e`'s device-writable part (`writable`) or
@@ -73,8 +80,8 @@ export class ElementData {
         } catch {
           return this.fail();
         }
-        this.bufs.push(view);
-        this.held.push(region.mapping);
+        this.views[this.count++] = view;
+        this.held[this.heldCount++] = region.mapping;
         at += n;
         left -= n;
       }
@@ -82,10 +89,15 @@ export class ElementData {
     return true;
   }
 
+  /** The views as an array of their own (for scatter/gather backends; allocates). */
+  list(): Buffer[] {
+    return this.views.slice(0, this.count);
+  }
+
   /** True if a map the views use lost its memory since (the data moved is garbage). */
   poisoned(dma: DmaSpace): boolean {
     let hit = false;
-    for (const m of this.held) if (m.poisoned) hit = true;
+    for (let i = 0; i < this.heldCount; i++) if (this.held[i]!.poisoned) hit = true;
     if (hit) for (let r = 0; r < this.ranges; r++) dma.isPoisoned(this.iova[r]!);
     return hit;
   }
@@ -112,17 +124,23 @@ export class ElementData {
 
   /** Drops every view and reference (idempotent). */
   release(): void {
-    for (const m of this.held) {
+    this.dropHeld();
+    this.ranges = 0;
+    this.bounced = false;
+  }
+
+  private dropHeld(): void {
+    for (let i = 0; i < this.heldCount; i++) {
       try {
-        m.release();
+        this.held[i]!.release();
       } catch {
         // already released by a forced unmap
       }
+      this.held[i] = null;
     }
-    this.held.length = 0;
-    this.bufs.length = 0;
-    this.ranges = 0;
-    this.bounced = false;
+    for (let i = 0; i < this.count; i++) this.views[i] = EMPTY;
+    this.heldCount = 0;
+    this.count = 0;
   }
 
   private addRange(iova: number, n: number): void {
@@ -144,9 +162,7 @@ export class ElementData {
   /** Some data is in a message-only map: check every piece is mapped with the access, then bounce. */
   private checkBounce(dma: DmaSpace, writable: boolean): boolean {
     const ranges = this.ranges;
-    for (const m of this.held) m.release();
-    this.held.length = 0;
-    this.bufs.length = 0;
+    this.dropHeld();
     if (!dma.enabled) return this.fail();
     for (let r = 0; r < ranges; r++) {
       let at = this.iova[r]!;

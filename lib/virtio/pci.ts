@@ -20,7 +20,10 @@
  *   a (posted) REGION_WRITE and processes that queue at once. `'mmap'` — BAR4 is backed by a memfd
  *   and its notify page is offered as a sparse-mmap area, so notifies cost the guest a plain store
  *   and no message; the device polls the available rings adaptively (poller.ts). Trapped writes to
- *   the page still work in both modes.
+ *   the page still work in both modes. `'trap'` with `spinUs`: after activity the device polls the
+ *   rings for that long with notifications suppressed (EVENT_IDX `avail_event` out of reach, or
+ *   NO_NOTIFY), then re-enables them, re-checks and sleeps, as NVMe shadow doorbells do: a busy
+ *   guest then sends fewer notifies, at the price of a core spinning while it is busy.
  * - Interrupts: MSI-X (a vector per queue plus one for configuration changes, as the driver maps
  *   them), or, while MSI-X is off, INTx with the ISR status byte: the line is asserted with the
  *   ISR bit and deasserted when the driver reads ISR (read-to-clear).
@@ -106,6 +109,11 @@ export interface VirtioPciOptions {
   notify?: NotifyMode;
   /** Polling policy for `'mmap'` notifications. */
   poll?: Partial<PollPolicy>;
+  /**
+   * `'trap'` only: after activity, poll the rings for this many microseconds with notifications
+   * suppressed, then re-enable them and sleep (default 0: never poll; see the module docs).
+   */
+  spinUs?: number;
   /** PCI subsystem ID (default 0x40 + deviceType... at least 0x40). */
   subsystemId?: number;
   /** Receives one line per notable event (status changes, resets, guest errors). */
@@ -128,6 +136,8 @@ export abstract class VirtioPciDevice<E extends VirtqElement = VirtqElement> ext
   readonly queues: SplitVirtqueue<E>[];
   readonly notifyMode: NotifyMode;
   readonly poller: RingPoller;
+  /** Trapped notifications, suppressed while the poller spins (`spinUs` > 0). */
+  private readonly hybrid: boolean;
   readonly counters: VirtioCounters = { notifies: 0, polledWork: 0, interrupts: 0, suppressed: 0 };
   /** Feature bits offered: the device's and the transport's. */
   readonly offeredFeatures: bigint;
@@ -156,6 +166,7 @@ export abstract class VirtioPciDevice<E extends VirtqElement = VirtqElement> ext
   // Per queue: an interrupt check is queued (irqList), a drain is scheduled (setImmediate).
   private readonly irqQueued: Uint8Array;
   private readonly irqList: SplitVirtqueue<E>[] = [];
+  private irqCount = 0;
   private irqFlushQueued = false;
   private readonly flushIrqsBound = () => this.flushIrqs();
   private readonly drainQueued: Uint8Array;
@@ -239,7 +250,10 @@ export abstract class VirtioPciDevice<E extends VirtqElement = VirtqElement> ext
     for (let i = 0; i < queues; i++) this.queues.push(new SplitVirtqueue<E>(i, queueSize, (q) => this.createElement(q)));
     this.irqQueued = new Uint8Array(queues);
     this.drainQueued = new Uint8Array(queues);
-    this.poller = new RingPoller(this, { ...DEFAULT_POLL_POLICY, ...options.poll });
+    const spinUs = options.spinUs ?? 0;
+    if (!Number.isFinite(spinUs) || spinUs < 0) throw new RangeError(`Expected spinUs >= 0, got ${spinUs}`);
+    this.hybrid = mode === 'trap' && spinUs > 0;
+    this.poller = new RingPoller(this, this.hybrid ? { ...DEFAULT_POLL_POLICY, spinUs } : { ...DEFAULT_POLL_POLICY, ...options.poll });
     this.wrapConfigRead();
   }
 
@@ -315,7 +329,29 @@ export abstract class VirtioPciDevice<E extends VirtqElement = VirtqElement> ext
   }
 
   get pollable(): boolean {
-    return this.notifyMode === 'mmap' && this.running;
+    return (this.notifyMode === 'mmap' || this.hybrid) && this.running;
+  }
+
+  get canSleep(): boolean {
+    return this.hybrid;
+  }
+
+  /** PollTarget (hybrid): notifications back on for every queue; false if work slipped in. */
+  arm(): boolean {
+    if (!this.running) return true;
+    for (const q of this.queues) {
+      if (q.running && !q.enableNotify()) {
+        this.needsReset(`queue ${q.index}: used ring unreachable`);
+        return true;
+      }
+    }
+    let work = false;
+    for (const q of this.queues) {
+      if (!q.running || q.pending() === 0) continue;
+      work = true;
+      this.drain(q);
+    }
+    return !work;
   }
 
   /**
@@ -361,29 +397,31 @@ export abstract class VirtioPciDevice<E extends VirtqElement = VirtqElement> ext
     }
     if (this.irqQueued[q.index] === 0) {
       this.irqQueued[q.index] = 1;
-      this.irqList.push(q);
+      this.irqList[this.irqCount++] = q;
       if (!this.irqFlushQueued) {
         this.irqFlushQueued = true;
         queueMicrotask(this.flushIrqsBound);
       }
     }
     if (wasFull) this.scheduleDrain(q);
-    if (this.notifyMode === 'mmap') this.poller.wake();
+    this.poller.wake();
     this.idleCheck();
   }
 
   /** Once per batch of completions: interrupt each queue the driver wants to hear from. */
   private flushIrqs(): void {
     this.irqFlushQueued = false;
+    // Count-based, never truncated: V8 reallocates an array whose length was set to 0.
     const list = this.irqList;
-    for (let i = 0; i < list.length; i++) {
+    const n = this.irqCount;
+    this.irqCount = 0;
+    for (let i = 0; i < n; i++) {
       const q = list[i]!;
       this.irqQueued[q.index] = 0;
       if (!q.running) continue;
       if (q.needsInterrupt()) this.queueInterrupt(q);
       else this.counters.suppressed++;
     }
-    list.length = 0;
   }
 
   private queueInterrupt(q: SplitVirtqueue<E>): void {
@@ -433,7 +471,8 @@ export abstract class VirtioPciDevice<E extends VirtqElement = VirtqElement> ext
   /** Takes and handles chains until the queue is empty (re-checking after re-enabling notifies). */
   private drain(q: SplitVirtqueue<E>): void {
     let budget = PASS_BUDGET;
-    q.disableNotify();
+    if (this.hybrid) q.suppressNotify();
+    else q.disableNotify();
     for (;;) {
       while (budget > 0) {
         const e = q.pop();
@@ -454,6 +493,11 @@ export abstract class VirtioPciDevice<E extends VirtqElement = VirtqElement> ext
       }
       // Every element is in flight: completing one reschedules the drain.
       if (q.inflight >= q.size) return;
+      // Polling: notifications stay off until the poller re-arms them.
+      if (this.hybrid) {
+        this.poller.wake();
+        return;
+      }
       if (!q.enableNotify()) {
         this.needsReset(`queue ${q.index}: used ring unreachable`);
         return;

@@ -1,12 +1,14 @@
 /**
  * {@link RingPoller}: polls the available rings when guest notifications do not reach the device
- * (the notify page mapped into the guest as shared memory: a store there is a plain memory write).
+ * (the notify page mapped into the guest as shared memory: a store there is a plain memory write),
+ * or, with trapped notifications, for a short while after activity while they are suppressed.
  *
  * | phase | entered                            | next poll               |
  * |-------|------------------------------------|-------------------------|
  * | spin  | on any work, notify or completion  | `setImmediate`          |
  * | short | `spinUs` (200 µs) without work      | `setTimeout(shortMs)`   |
  * | long  | `shortForMs` (100 ms) without work  | `setTimeout(longMs)`    |
+ * | sleep | trapped notifications: re-armed     | none: a notify wakes it |
  *
  * A poll reads each running queue's available index (one load per queue). Spinning costs a core
  * while the guest is busy, so the window is short: under TCG the guest competes with us for the
@@ -35,9 +37,16 @@ export interface PollTarget {
   poll(): boolean;
   /** Whether anything needs polling now (the device is running with a shared notify page). */
   readonly pollable: boolean;
+  /** True if the poller may stop after the spin window: every submission is notified after {@link arm}. */
+  readonly canSleep: boolean;
+  /**
+   * Re-enables notifications before sleeping and checks nothing slipped in meanwhile. True if it
+   * is safe to sleep; false: keep polling.
+   */
+  arm(): boolean;
 }
 
-export type PollPhase = 'stopped' | 'spin' | 'short' | 'long';
+export type PollPhase = 'stopped' | 'spin' | 'short' | 'long' | 'sleep';
 
 export class RingPoller {
   private phaseValue: PollPhase = 'stopped';
@@ -45,7 +54,7 @@ export class RingPoller {
   private immediate: NodeJS.Immediate | null = null;
   private timer: NodeJS.Timeout | null = null;
   /** Polls done in each phase (for tests and measurements). */
-  readonly counts = { spin: 0, short: 0, long: 0 };
+  readonly counts = { spin: 0, short: 0, long: 0, arms: 0 };
   private readonly tick = () => this.run();
 
   constructor(
@@ -98,6 +107,17 @@ export class RingPoller {
     const idleMs = now - this.lastWork;
     const policy = this.policy;
     if (idleMs * 1000 < policy.spinUs) {
+      this.phaseValue = 'spin';
+      this.immediate = setImmediate(this.tick);
+      return;
+    }
+    if (target.canSleep) {
+      this.counts.arms++;
+      if (target.arm()) {
+        this.phaseValue = 'sleep';
+        return;
+      }
+      this.lastWork = performance.now();
       this.phaseValue = 'spin';
       this.immediate = setImmediate(this.tick);
       return;

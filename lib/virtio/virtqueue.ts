@@ -484,6 +484,16 @@ export class SplitVirtqueue<E extends VirtqElement = VirtqElement> {
   }
 
   /**
+   * While the device polls the ring: the driver need not notify at all (EVENT_IDX: `avail_event`
+   * half the index space ahead, which no submission reaches before {@link enableNotify}; else
+   * NO_NOTIFY).
+   */
+  suppressNotify(): void {
+    if (this.eventIdx) this.setUsedU16(availEventOffset(this.size), (this.lastAvail + 0x7fff) & 0xffff);
+    else this.setUsedU16(Used.FLAGS, UsedFlags.NO_NOTIFY);
+  }
+
+  /**
    * Whether the driver wants an interrupt for the used entries pushed since the last call
    * (EVENT_IDX: the used index passed `used_event`; else NO_INTERRUPT is clear). An unreadable
    * available ring counts as "wants one".

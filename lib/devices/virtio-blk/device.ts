@@ -22,7 +22,7 @@
  * @packageDocumentation
  */
 import { randomBytes } from 'node:crypto';
-import type { BlockBackend } from '../../block/backend';
+import { RESOLVED, type BlockBackend } from '../../block/backend';
 import { ClassCode } from '../../pci/ids';
 import { DmaError } from '../../server/dma';
 import { ElementData } from '../../virtio/data';
@@ -65,6 +65,8 @@ export interface VirtioBlkOptions {
   notify?: NotifyMode;
   /** Polling policy for `'mmap'` notifications. */
   poll?: Partial<PollPolicy>;
+  /** `'trap'` only: poll the rings this long after activity, notifications suppressed (default 0). */
+  spinUs?: number;
   /** Receives one line per notable event (status changes, resets, errors). */
   trace?: (line: string) => void;
 }
@@ -157,6 +159,7 @@ export class VirtioBlkDevice extends VirtioPciDevice<BlkRequest> {
       configSize: BlkConfig.SIZE,
       ...(options.notify !== undefined ? { notify: options.notify } : {}),
       ...(options.poll !== undefined ? { poll: options.poll } : {}),
+      ...(options.spinUs !== undefined ? { spinUs: options.spinUs } : {}),
       ...(options.trace !== undefined ? { trace: options.trace } : {}),
     });
     this.backend = options.backend;
@@ -291,17 +294,17 @@ export class VirtioBlkDevice extends VirtioPciDevice<BlkRequest> {
     if (!req.data.map(dma, req, !write, write ? BlkReqHeader.SIZE : 0, bytes)) return this.finish(req, BlkStatus.IOERR);
     const offset = req.sector * BLK_SECTOR_SIZE;
     const backend = this.backend;
-    const bufs = req.data.bufs;
+    const data = req.data;
     let io: Promise<void>;
     try {
-      if (req.data.bounced) io = write ? this.bounceWrite(req, offset) : this.bounceRead(req, offset);
-      else if (bufs.length === 1) io = write ? backend.write(offset, bufs[0]!, this.writeThrough) : backend.read(offset, bufs[0]!);
-      else if (write) io = backend.writev ? backend.writev(offset, bufs, this.writeThrough) : sequential(backend, offset, bufs, true, this.writeThrough);
-      else io = backend.readv ? backend.readv(offset, bufs) : sequential(backend, offset, bufs, false, false);
+      if (data.bounced) io = write ? this.bounceWrite(req, offset) : this.bounceRead(req, offset);
+      else if (data.count === 1) io = write ? backend.write(offset, data.views[0]!, this.writeThrough) : backend.read(offset, data.views[0]!);
+      else if (write) io = backend.writev ? backend.writev(offset, data.list(), this.writeThrough) : sequential(backend, offset, data.list(), true, this.writeThrough);
+      else io = backend.readv ? backend.readv(offset, data.list()) : sequential(backend, offset, data.list(), false, false);
     } catch (err) {
       io = Promise.reject(err);
     }
-    io.then(req.onIoDone, req.onIoFailed);
+    settle(io, req);
   }
 
   /** @internal Backend I/O of a read or write finished. */
@@ -336,7 +339,7 @@ export class VirtioBlkDevice extends VirtioPciDevice<BlkRequest> {
     } catch (err) {
       io = Promise.reject(err);
     }
-    io.then(req.onIoDone, req.onIoFailed);
+    settle(io, req);
   }
 
   private getId(req: BlkRequest): void {
@@ -409,6 +412,15 @@ export class VirtioBlkDevice extends VirtioPciDevice<BlkRequest> {
     await req.data.gather(this.dma, tmp);
     await this.backend.write(offset, tmp, this.writeThrough);
   }
+}
+
+/**
+ * Completes `req` when `io` settles. A synchronous backend's shared, already-resolved promise
+ * (RAM) completes it at once: no promise, no microtask per request.
+ */
+function settle(io: Promise<void>, req: BlkRequest): void {
+  if (io === RESOLVED) req.onIoDone();
+  else io.then(req.onIoDone, req.onIoFailed);
 }
 
 async function sequential(backend: BlockBackend, offset: number, bufs: readonly Buffer[], write: boolean, fua: boolean): Promise<void> {
