@@ -443,3 +443,39 @@ describe('mmap notify mode', () => {
     expect(r.device.poller.phase).toBe('stopped');
   });
 });
+
+describe('trap mode with polling (spinUs)', () => {
+  it('suppresses notifies while polling, takes unnotified work, then re-arms and sleeps', async () => {
+    const r = rig({ spinUs: 300_000 });
+    await r.init();
+    const q = r.queues[0]!;
+    q.add(bufs(r, pattern(8, 1)).chain);
+    q.kick();
+    await r.waitUsed(q);
+    // Polling now: avail_event is out of reach, so a driver would not notify...
+    expect((q.availEvent - r.device.queues[0]!.lastAvail) & 0xffff).toBeGreaterThan(0x7000);
+    expect(r.device.poller.phase).toBe('spin');
+    // ...and work it publishes without a notify is taken anyway.
+    const notifies = r.device.counters.notifies;
+    q.add(bufs(r, pattern(8, 2)).chain);
+    await r.waitUsed(q);
+    expect(r.device.counters.notifies).toBe(notifies);
+    // After the spin window: notifications re-armed at what was taken, poller asleep.
+    await r.waitFor(() => r.device.poller.phase === 'sleep', 'poller asleep', 5000);
+    expect(q.availEvent).toBe(r.device.queues[0]!.lastAvail);
+    expect(r.device.poller.counts.arms).toBeGreaterThan(0);
+  });
+
+  it('without EVENT_IDX, NO_NOTIFY is set while polling and cleared when re-armed', async () => {
+    const r = rig({ spinUs: 20_000 });
+    await r.init({ features: featureBit(Feature.VERSION_1) });
+    const q = r.queues[0]!;
+    q.add(bufs(r, pattern(8, 1)).chain);
+    q.kick();
+    await r.waitUsed(q);
+    expect(q.usedFlags & UsedFlags.NO_NOTIFY).toBe(UsedFlags.NO_NOTIFY);
+    await r.waitFor(() => r.device.poller.phase === 'sleep', 'poller asleep', 5000);
+    expect(q.usedFlags & UsedFlags.NO_NOTIFY).toBe(0);
+  });
+});
+
