@@ -6,9 +6,15 @@
  * the mask state the *client* controls (SET_IRQS MASK/UNMASK). Masks a device model controls
  * itself (MSI-X table, MSI per-vector mask) live in the PCI layer, which calls {@link IrqTable.trigger}
  * only for deliverable vectors. A vector masked here records a pending bit and fires on unmask.
+ *
+ * MASK and UNMASK can also come as eventfds (SET_IRQS DATA_EVENTFD with ACTION_MASK/UNMASK): the
+ * client signals them and the table watches them, as Linux VFIO does with an INTx "resample"
+ * (unmask) eventfd: a signal masks or unmasks the vector exactly as the NONE/BOOL actions do, and
+ * the device hears of it (`onChange`), so an INTx line still asserted fires again.
  */
 import * as fs from 'node:fs';
 import { binding } from '../native/binding';
+import { EventFd } from '../native/eventfd';
 import { Fd } from '../native/fd';
 import { Errno, IrqInfoFlags, IrqSetFlags, PciIrq } from '../protocol/constants';
 import type { SetIrqsRequest } from '../protocol/messages/irq';
@@ -23,8 +29,9 @@ export interface IrqIndexInfo {
 
 class IrqIndex {
   readonly triggers: (Fd | null)[];
-  readonly unmaskFds: (Fd | null)[];
-  readonly maskFds: (Fd | null)[];
+  /** Eventfds the client signals to unmask (INTx resample) or mask a vector; watched. */
+  readonly unmaskFds: (EventFd | null)[];
+  readonly maskFds: (EventFd | null)[];
   readonly masked: Uint8Array;
   readonly pending: Uint8Array;
 
@@ -33,8 +40,8 @@ class IrqIndex {
     readonly flags: number,
   ) {
     this.triggers = new Array<Fd | null>(count).fill(null);
-    this.unmaskFds = new Array<Fd | null>(count).fill(null);
-    this.maskFds = new Array<Fd | null>(count).fill(null);
+    this.unmaskFds = new Array<EventFd | null>(count).fill(null);
+    this.maskFds = new Array<EventFd | null>(count).fill(null);
     this.masked = new Uint8Array(count);
     this.pending = new Uint8Array(count);
   }
@@ -113,9 +120,14 @@ export class IrqTable {
         Fd.closeAll(fds);
         return Errno.EINVAL;
       }
-      const table = action === IrqSetFlags.ACTION_TRIGGER ? irq.triggers : action === IrqSetFlags.ACTION_MASK ? irq.maskFds : irq.unmaskFds;
       // Zero fds de-assigns the range (reference §3.8).
-      for (let i = 0; i < count; i++) replace(table, start + i, fds.length === 0 ? null : fds[i]!);
+      if (action === IrqSetFlags.ACTION_TRIGGER) {
+        for (let i = 0; i < count; i++) replace(irq.triggers, start + i, fds.length === 0 ? null : fds[i]!);
+      } else {
+        const mask = action === IrqSetFlags.ACTION_MASK;
+        const table = mask ? irq.maskFds : irq.unmaskFds;
+        for (let i = 0; i < count; i++) replace(table, start + i, fds.length === 0 ? null : this.watchAction(fds[i]!, req.index, start + i, mask));
+      }
     } else if (action === IrqSetFlags.ACTION_TRIGGER) {
       if (data === IrqSetFlags.DATA_NONE && count === 0) {
         this.disable(irq);
@@ -133,12 +145,15 @@ export class IrqTable {
     return 0;
   }
 
+  /** True while the client has vector `vector` of `index` masked. */
+  isMasked(index: number, vector: number): boolean {
+    return this.indexes[index]?.masked[vector] === 1;
+  }
+
   /** Mask or unmask a vector as the client asked; unmasking delivers what became pending. */
   setMasked(index: number, vector: number, masked: boolean): void {
     const irq = this.indexes[index]!;
     irq.masked[vector] = masked ? 1 : 0;
-    const notify = masked ? irq.maskFds[vector] : irq.unmaskFds[vector];
-    if (notify != null) signal(notify);
     if (!masked && irq.pending[vector] !== 0) {
       irq.pending[vector] = 0;
       this.trigger(index, vector);
@@ -150,8 +165,25 @@ export class IrqTable {
     for (const irq of this.indexes) this.disable(irq);
   }
 
+  /** Watch a MASK/UNMASK eventfd: each signal acts on the vector, then tells the device. */
+  private watchAction(fd: Fd, index: number, vector: number, mask: boolean): EventFd {
+    const efd = new EventFd(fd);
+    efd.watch((count) => {
+      if (count === 0) return; // the watch failed (the fd went bad): ignore it from now on
+      const irq = this.indexes[index];
+      if (irq === undefined || (mask ? irq.maskFds : irq.unmaskFds)[vector] !== efd) return;
+      this.setMasked(index, vector, mask);
+      this.onChange?.(index);
+    });
+    return efd;
+  }
+
   private disable(irq: IrqIndex): void {
-    for (const table of [irq.triggers, irq.maskFds, irq.unmaskFds]) for (let i = 0; i < table.length; i++) replace(table, i, null);
+    for (let i = 0; i < irq.count; i++) {
+      replace(irq.triggers, i, null);
+      replace(irq.maskFds, i, null);
+      replace(irq.unmaskFds, i, null);
+    }
     irq.masked.fill(0);
     irq.pending.fill(0);
   }
@@ -189,7 +221,7 @@ function isEventfd(fd: Fd): boolean {
   }
 }
 
-function replace(table: (Fd | null)[], i: number, fd: Fd | null): void {
+function replace<T extends Fd | EventFd>(table: (T | null)[], i: number, fd: T | null): void {
   const old = table[i];
   if (old != null && old !== fd) old.close();
   table[i] = fd;
