@@ -29,15 +29,20 @@
  * @packageDocumentation
  */
 import { createHash, randomBytes } from 'node:crypto';
-import { PciDevice } from '../../pci/device';
+import { PciDevice, StopReason } from '../../pci/device';
 import { ClassCode, VendorId } from '../../pci/ids';
 import { Errno, PciIrq } from '../../protocol/constants';
 import type { ResetReason } from '../../server/device';
 import { AsyncEvents, ErrorLog, Features, adminCommand, temperatureWarning, type AdminContext } from './admin';
 import type { BlockBackend } from '../../block/backend';
-import { AdminOpcode, AerErrorInfo, AerType, CriticalWarning, LogId, Status, statusCode } from './constants';
+import { RamBackend } from '../../block/ram';
+import type { BulkData } from '../../server/state-stream';
+import { MigrationRefusedError, fromBase64, toBase64 } from '../../server/state-stream';
+import { AdminOpcode, AerErrorInfo, AerType, CriticalWarning, IoOpcode, LogId, Status, statusCode } from './constants';
 import { DEFAULT_POLL_POLICY, DoorbellPage, DoorbellPoller, type DoorbellMode, type PollPolicy, type PollTarget } from './doorbells';
-import { ioCommand, type IoContext, type IoStats } from './io';
+import { DSM_AD, DSM_RANGE_SIZE, ioCommand, type IoContext, type IoStats } from './io';
+import { copyFromGuestSync } from './prp';
+import { NVME_STATE_VERSION, RamNamespaceData, checkNvmeState, type CqState, type NvmeState, type SqState } from './state';
 import { CompletionQueue, ShadowDoorbells, SubmissionQueue, cqDoorbellIndex, sqDoorbellIndex } from './queues';
 import {
   ADMIN_QUEUE_BASE_MASK_LO,
@@ -177,6 +182,10 @@ export class NvmeController extends PciDevice implements AdminContext, IoContext
     this.process();
   };
   private readonly irqCqs: CompletionQueue[] = [];
+  /** The admin command being executed (its CID is what a deferred Delete I/O SQ is saved with). */
+  private executingAdmin: Request | null = null;
+  /** Delete I/O SQ commands waiting for their queue's commands, by queue: the command's CID. */
+  private readonly deletions = new Map<SubmissionQueue, number>();
   private irqFlushQueued = false;
   private readonly flushIrqsBound = () => this.flushIrqs();
   private readonly coalesceCount: Uint32Array;
@@ -188,6 +197,16 @@ export class NvmeController extends PciDevice implements AdminContext, IoContext
   private criticalWarning = 0;
   private readonly createdAt = Date.now();
   private closed: Promise<void> | null = null;
+  /** Stopped (migration, or detached with kept state): nothing is fetched, doorbells are only recorded. */
+  private paused = false;
+  /** Stopped and quiet: no DMA, no interrupts; completions wait in their CQ's queue until resumed. */
+  private frozen = false;
+  /** Settles when a controller reset in progress has finished. */
+  private resetDone: Promise<void> = Promise.resolve();
+  /** Settles when a shutdown in progress has finished. */
+  private shutdownDone: Promise<void> = Promise.resolve();
+  /** The RAM namespace's data for migration (null: the namespace is shared storage). */
+  private readonly ramData: RamNamespaceData | null;
 
   constructor(options: NvmeControllerOptions) {
     const queues = options.queues ?? DEFAULT_QUEUES;
@@ -298,6 +317,8 @@ export class NvmeController extends PciDevice implements AdminContext, IoContext
       npwg: Math.max(1, 4096 >> this.blockShift),
       writeProtected: options.backend.readOnly === true,
     };
+    this.ramData = options.backend instanceof RamBackend ? new RamNamespaceData(options.backend) : null;
+    this.enableMigration();
   }
 
   // ---- public state ----
@@ -488,6 +509,11 @@ export class NvmeController extends PciDevice implements AdminContext, IoContext
   // ---- state machine ----
 
   private get running(): boolean {
+    return (this.csts & (Csts.RDY | Csts.CFS | Csts.SHST_MASK)) === Csts.RDY && !this.resetting && !this.shuttingDown && !this.paused;
+  }
+
+  /** Enabled and healthy, paused or not (doorbells written while paused are recorded). */
+  private get live(): boolean {
     return (this.csts & (Csts.RDY | Csts.CFS | Csts.SHST_MASK)) === Csts.RDY && !this.resetting && !this.shuttingDown;
   }
 
@@ -548,9 +574,10 @@ export class NvmeController extends PciDevice implements AdminContext, IoContext
       }
     }, READY_TIMEOUT_MS);
     this.resetTimer.unref();
-    return this.whenIdle().then(() => {
+    this.resetDone = this.whenIdle().then(() => {
       if (this.epoch === epoch) this.finishReset();
     });
+    return this.resetDone;
   }
 
   private finishReset(): void {
@@ -579,6 +606,7 @@ export class NvmeController extends PciDevice implements AdminContext, IoContext
     this.irqCqs.length = 0;
     this.rr = 0;
     this.shadow = null;
+    this.deletions.clear();
     this.events.reset();
     this.features.reset();
     this.criticalWarning = 0;
@@ -591,7 +619,7 @@ export class NvmeController extends PciDevice implements AdminContext, IoContext
     this.shuttingDown = true;
     this.csts = (this.csts & ~Csts.SHST_MASK) | (Shst.OCCURRING << Csts.SHST_SHIFT);
     this.trace?.(`nvme: ${kind === Shn.ABRUPT ? 'abrupt' : 'normal'} shutdown`);
-    void this.whenIdle()
+    this.shutdownDone = this.whenIdle()
       .then(() => this.backend.flush())
       .then(
         () => true,
@@ -626,6 +654,246 @@ export class NvmeController extends PciDevice implements AdminContext, IoContext
     this.csts = 0;
   }
 
+  // ---- stopping and running (migration, kept state) ----
+
+  /**
+   * Stop: nothing more is fetched; backend I/O already started finishes and posts its completions
+   * (interrupts for them stay pending in the PCI layer); a reset or shutdown in progress finishes;
+   * for a migration, shared storage is flushed. Then no DMA happens until {@link onRun}.
+   */
+  protected override async onStop(reason: number): Promise<void> {
+    this.paused = true;
+    this.poller.stop();
+    this.trace?.(`nvme: stopping (${reason === StopReason.MIGRATION ? 'migration' : 'client gone, state kept'}), ${this.busy} command(s) in the backend`);
+    await this.whenIdle();
+    await this.resetDone;
+    await this.shutdownDone;
+    if (this.irqFlushQueued) this.flushIrqs();
+    if (reason === StopReason.MIGRATION && this.ramData === null) {
+      try {
+        await this.backend.flush();
+      } catch (err) {
+        this.trace?.(`nvme: flush at stop failed: ${String(err)}`);
+      }
+    }
+    if (!this.paused) return; // resumed meanwhile
+    this.frozen = true;
+    for (let v = 0; v < this.coalesceTimers.length; v++) {
+      const t = this.coalesceTimers[v];
+      if (t) clearTimeout(t);
+      this.coalesceTimers[v] = null;
+    }
+  }
+
+  /** Run again: post completions that waited, interrupt for what the host has not consumed, fetch. */
+  protected override onRun(): void {
+    this.paused = false;
+    this.frozen = false;
+    for (const cq of this.activeCqs) if (cq.waiting.length > 0) this.cqHeadMoved(cq);
+    if (this.msixEnabled) {
+      const fired = new Set<number>();
+      for (const cq of this.activeCqs) {
+        if (!cq.ien || cq.outstanding === 0 || fired.has(cq.vector)) continue;
+        fired.add(cq.vector);
+        this.fire(cq.vector);
+      }
+    } else {
+      this.updateIntx();
+    }
+    this.trace?.('nvme: running');
+    this.poller.wake();
+    if (this.pollable) this.poll();
+    this.process();
+  }
+
+  protected override migrationKind(): string {
+    return 'nvme';
+  }
+
+  protected override migrationIdentity(): Record<string, unknown> {
+    const id = this.controllerIdentity;
+    return {
+      serial: id.serial,
+      model: id.model,
+      firmware: id.firmware,
+      blockSize: this.blockSize,
+      blocks: this.blocks,
+      queues: this.maxQueues,
+      maxQueueEntries: this.maxQueueEntries,
+      mdts: id.mdts,
+      doorbells: this.doorbellMode,
+      storage: this.ramData !== null ? 'ram' : 'shared',
+      readOnly: this.backend.readOnly === true,
+    };
+  }
+
+  protected override migrationBulkData(): BulkData | null {
+    return this.ramData;
+  }
+
+  /** The controller's state (see state.ts), taken while stopped. */
+  protected override saveDeviceState(): NvmeState {
+    const waitingOf = (cq: CompletionQueue) => cq.waiting.map((r) => ({ sq: r.sq.id, cid: r.cid, status: r.status, dw0: r.dw0 >>> 0, dw1: r.dw1 >>> 0 }));
+    const cqs: CqState[] = this.activeCqs.map((cq) => ({
+      id: cq.id,
+      size: cq.size,
+      iova: cq.iova,
+      vector: cq.vector,
+      ien: cq.ien,
+      head: cq.head,
+      tail: cq.tail,
+      phase: cq.phase,
+      lastDoorbell: cq.lastDoorbell >>> 0,
+      lastShadow: cq.lastShadow >>> 0,
+      shadowUsed: cq.shadowUsed,
+      waiting: waitingOf(cq),
+    }));
+    const sqs: SqState[] = this.activeSqs.map((sq) => ({
+      id: sq.id,
+      size: sq.size,
+      iova: sq.iova,
+      cq: sq.cq.id,
+      head: sq.head,
+      tail: sq.tail,
+      lastDoorbell: sq.lastDoorbell >>> 0,
+      lastShadow: sq.lastShadow >>> 0,
+      shadowUsed: sq.shadowUsed,
+      deleting: this.deletions.get(sq) ?? null,
+    }));
+    const f = this.features;
+    const events = this.events.snapshot();
+    return {
+      version: NVME_STATE_VERSION,
+      regs: { cc: this.cc, csts: this.csts, aqa: this.aqa, asq: [...this.asq], acq: [...this.acq], intms: this.intms, pageSize: this.pageSizeValue },
+      doorbells: toBase64(this.doorbellPage.bytes),
+      shadow: this.shadow === null ? null : { dbs: this.shadow.dbsIova, eis: this.shadow.eisIova },
+      cqs,
+      sqs,
+      rr: this.rr,
+      features: {
+        arbitration: f.arbitration,
+        powerState: f.powerState,
+        tempOver: [...f.tempOver],
+        tempUnder: [...f.tempUnder],
+        errorRecovery: f.errorRecovery,
+        writeCache: f.writeCache,
+        coalescing: f.coalescing,
+        coalescingDisabled: [...f.coalescingDisabled],
+        writeAtomicity: f.writeAtomicity,
+        asyncEventConfig: f.asyncEventConfig,
+      },
+      events,
+      errors: { count: this.errors.count, entries: this.errors.snapshot() },
+      stats: { ...this.stats },
+      criticalWarning: this.criticalWarning,
+      coalesce: [...this.coalesceCount],
+    };
+  }
+
+  /** Checks a state from an identical controller (see state.ts); the returned function applies it. */
+  protected override loadDeviceState(value: unknown): () => void {
+    const s = checkNvmeState(value, {
+      queues: this.maxQueues,
+      maxQueueEntries: this.maxQueueEntries,
+      vectors: this.vectors,
+      aerLimit: this.events.limit,
+      errorCapacity: this.errors.capacity,
+      sensors: this.features.tempOver.length,
+      doorbellBytes: this.doorbellPage.bytes.length,
+    });
+    const page = fromBase64(s.doorbells, this.doorbellPage.bytes.length, 'nvme.doorbells');
+    if (s.shadow !== null && (s.shadow.dbs % s.regs.pageSize !== 0 || s.shadow.eis % s.regs.pageSize !== 0)) {
+      throw new MigrationRefusedError('nvme.shadow: buffers not page aligned');
+    }
+    return () => this.applyState(s, page);
+  }
+
+  private applyState(s: NvmeState, page: Buffer): void {
+    this.epoch++;
+    this.teardown();
+    this.cc = s.regs.cc;
+    this.csts = s.regs.csts;
+    this.aqa = s.regs.aqa;
+    this.asq[0] = s.regs.asq[0]!;
+    this.asq[1] = s.regs.asq[1]!;
+    this.acq[0] = s.regs.acq[0]!;
+    this.acq[1] = s.regs.acq[1]!;
+    this.intms = s.regs.intms;
+    this.pageSizeValue = s.regs.pageSize;
+    this.doorbellPage.bytes.set(page);
+    const dma = this.dma;
+    for (const q of s.cqs) {
+      const cq = new CompletionQueue(dma, q.id, q.size, q.iova, q.vector, q.ien);
+      cq.head = q.head;
+      cq.tail = q.tail;
+      cq.phase = q.phase;
+      cq.lastDoorbell = q.lastDoorbell;
+      cq.lastShadow = q.lastShadow;
+      cq.shadowUsed = q.shadowUsed;
+      this.cqs[q.id] = cq;
+      this.activeCqs.push(cq);
+    }
+    for (const q of s.sqs) {
+      const cq = this.cqs[q.cq]!;
+      const sq = new SubmissionQueue(dma, q.id, q.size, q.iova, cq, SQE_SIZE);
+      sq.head = q.head;
+      sq.tail = q.tail;
+      sq.lastDoorbell = q.lastDoorbell;
+      sq.lastShadow = q.lastShadow;
+      sq.shadowUsed = q.shadowUsed;
+      cq.sqCount++;
+      this.sqs[q.id] = sq;
+      this.activeSqs.push(sq);
+    }
+    this.rr = s.rr % Math.max(1, this.activeSqs.length);
+    // Commands that were in flight on the source: completions waiting for room, outstanding AERs,
+    // Delete I/O SQ commands waiting for their queue's commands.
+    for (const q of s.cqs) {
+      const cq = this.cqs[q.id]!;
+      for (const c of q.waiting) {
+        const req = this.sqs[c.sq]!.restoreRequest(c.cid, 0);
+        req.epoch = this.epoch;
+        req.status = c.status;
+        req.dw0 = c.dw0;
+        req.dw1 = c.dw1;
+        cq.waiting.push(req);
+      }
+    }
+    const admin = this.sqs[0];
+    const aers = admin == null ? [] : s.events.outstanding.map((cid) => {
+      const req = admin.restoreRequest(cid, AdminOpcode.ASYNC_EVENT);
+      req.epoch = this.epoch;
+      return req;
+    });
+    this.events.restore(aers, s.events.queue, s.events.masked);
+    for (const q of s.sqs) {
+      if (q.deleting === null || admin == null) continue;
+      const req = admin.restoreRequest(q.deleting, AdminOpcode.DELETE_SQ);
+      req.epoch = this.epoch;
+      req.cdw10 = q.id;
+      this.executingAdmin = req;
+      this.deleteSq(this.sqs[q.id]!, () => this.finish(req, Status.SUCCESS));
+      this.executingAdmin = null;
+    }
+    this.shadow = s.shadow === null ? null : new ShadowDoorbells(dma, s.shadow.dbs, s.shadow.eis, s.regs.pageSize);
+    const f = this.features;
+    f.arbitration = s.features.arbitration;
+    f.powerState = s.features.powerState;
+    s.features.tempOver.forEach((v, i) => (f.tempOver[i] = v));
+    s.features.tempUnder.forEach((v, i) => (f.tempUnder[i] = v));
+    f.errorRecovery = s.features.errorRecovery;
+    f.writeCache = s.features.writeCache;
+    f.coalescing = s.features.coalescing;
+    f.coalescingDisabled.set(s.features.coalescingDisabled);
+    f.writeAtomicity = s.features.writeAtomicity;
+    f.asyncEventConfig = s.features.asyncEventConfig;
+    this.errors.restore(s.errors.count, s.errors.entries);
+    Object.assign(this.stats, s.stats);
+    this.criticalWarning = s.criticalWarning;
+    this.coalesceCount.set(s.coalesce);
+    this.trace?.(`nvme: state loaded (${this.activeSqs.length} SQs, ${this.activeCqs.length} CQs)`);
+  }
+
   override irqsChanged(index: number): void {
     if (index === PciIrq.INTX) this.updateIntx();
     super.irqsChanged(index);
@@ -653,7 +921,10 @@ export class NvmeController extends PciDevice implements AdminContext, IoContext
   // ---- doorbells ----
 
   private doorbellWrite(index: number, value: number): void {
-    if (!this.running) return;
+    if (!this.running) {
+      if (this.paused && this.live) this.recordDoorbell(index, value);
+      return;
+    }
     const qid = index >> 1;
     const queue = index & 1 ? this.cqs[qid] : this.sqs[qid];
     if (this.shadow !== null && qid !== 0 && queue != null) {
@@ -683,6 +954,18 @@ export class NvmeController extends PciDevice implements AdminContext, IoContext
       this.doorbellCounts.trapped++;
       this.cqHeadMoved(cq);
     }
+  }
+
+  /** A doorbell written while stopped: the new tail or head is taken, and acted on when resumed. */
+  private recordDoorbell(index: number, value: number): void {
+    const qid = index >> 1;
+    const queue = index & 1 ? this.cqs[qid] : this.sqs[qid];
+    if (queue == null) return this.badDoorbell(AerErrorInfo.INVALID_DB_REGISTER, index, value);
+    // With shadow doorbells in use, the shadow holds the newest value (see doorbellWrite).
+    if (this.shadow !== null && qid !== 0 && queue.shadowUsed) return;
+    queue.lastDoorbell = value;
+    const ok = index & 1 ? (queue as CompletionQueue).setHead(value) : (queue as SubmissionQueue).setTail(value);
+    if (!ok) this.badDoorbell(AerErrorInfo.INVALID_DB_VALUE, index, value);
   }
 
   private badDoorbell(info: number, index: number, value: number): void {
@@ -774,6 +1057,7 @@ export class NvmeController extends PciDevice implements AdminContext, IoContext
 
   /** The host consumed completions: post what waited for room, re-evaluate INTx. */
   private cqHeadMoved(cq: CompletionQueue): void {
+    if (this.frozen) return; // posted when resumed
     const waiting = cq.waiting;
     while (waiting.length > 0 && !cq.full) {
       const req = waiting.shift()!;
@@ -838,8 +1122,10 @@ export class NvmeController extends PciDevice implements AdminContext, IoContext
   }
 
   deleteSq(sq: SubmissionQueue, done: () => void): void {
+    const cid = this.executingAdmin?.cid ?? 0;
     const epoch = this.epoch;
     const remove = () => {
+      this.deletions.delete(sq);
       if (this.epoch !== epoch) return;
       this.sqs[sq.id] = null;
       this.activeSqs = this.activeSqs.filter((q) => q !== sq);
@@ -847,7 +1133,10 @@ export class NvmeController extends PciDevice implements AdminContext, IoContext
       done();
     };
     if (sq.inflight === 0) remove();
-    else sq.onDrained = remove;
+    else {
+      sq.onDrained = remove;
+      this.deletions.set(sq, cid);
+    }
   }
 
   deleteCq(cq: CompletionQueue): void {
@@ -917,11 +1206,17 @@ export class NvmeController extends PciDevice implements AdminContext, IoContext
     req.epoch = this.epoch;
     let result: HandlerResult;
     try {
-      result = sq.id === 0 ? adminCommand(this, req) : ioCommand(this, req);
+      if (sq.id === 0) {
+        this.executingAdmin = req;
+        result = adminCommand(this, req);
+      } else {
+        result = ioCommand(this, req);
+      }
     } catch (err) {
       this.trace?.(`nvme: internal error in opcode 0x${hex(req.opcode, 2)} on SQ ${sq.id}: ${(err as Error)?.stack ?? String(err)}`);
       result = Status.INTERNAL;
     }
+    this.executingAdmin = null;
     if (typeof result === 'number') {
       if (result !== DEFERRED) this.finish(req, result);
       return;
@@ -942,6 +1237,8 @@ export class NvmeController extends PciDevice implements AdminContext, IoContext
   /** Posts a command's completion (now, or when its CQ has room); drops it after a reset. */
   finish(req: Request, status: number): void {
     const sq = req.sq;
+    // A migration's dirty log: data written, even by a command a reset dropped, goes again.
+    if (this.ramData !== null && sq.id !== 0 && this.ramData.tracking) this.noteWritten(req);
     if (req.epoch !== this.epoch) {
       sq.recycle(req);
       return;
@@ -952,11 +1249,36 @@ export class NvmeController extends PciDevice implements AdminContext, IoContext
     const cq = sq.cq;
     // A full CQ may have room already if the host moved its shadow head.
     if (cq.full && cq.id !== 0 && this.refreshShadowHead(cq)) this.cqHeadMoved(cq);
-    if (cq.waiting.length > 0 || cq.full) {
+    if (cq.waiting.length > 0 || cq.full || this.frozen) {
       cq.waiting.push(req);
       return;
     }
     this.post(req);
+  }
+
+  /** Logs the blocks a completed I/O command may have changed (RAM namespace, while migrating). */
+  private noteWritten(req: Request): void {
+    const data = this.ramData!;
+    const op = req.opcode;
+    if (op === IoOpcode.WRITE || op === IoOpcode.WRITE_ZEROES) {
+      if (req.cdw11 > 0x1f_ffff) return;
+      const slba = req.cdw11 * 0x1_0000_0000 + req.cdw10;
+      data.mark(slba * this.blockSize, ((req.cdw12 & 0xffff) + 1) * this.blockSize);
+    } else if (op === IoOpcode.DSM && (req.cdw11 & DSM_AD) !== 0) {
+      // The ranges are still in guest memory; if they cannot be read now, everything goes again.
+      const count = (req.cdw10 & 0xff) + 1;
+      const list = dsmScratch.subarray(0, count * DSM_RANGE_SIZE);
+      if (req.segs.count === 0 || copyFromGuestSync(this.dma, req.segs, list) !== Status.SUCCESS) {
+        data.markAll();
+        return;
+      }
+      for (let i = 0; i < count; i++) {
+        const at = i * DSM_RANGE_SIZE;
+        const hi = list.readUInt32LE(at + 12);
+        if (hi > 0x1f_ffff) continue;
+        data.mark((hi * 0x1_0000_0000 + list.readUInt32LE(at + 8)) * this.blockSize, list.readUInt32LE(at + 4) * this.blockSize);
+      }
+    }
   }
 
   private post(req: Request): boolean {
@@ -1036,6 +1358,7 @@ export class NvmeController extends PciDevice implements AdminContext, IoContext
     const t = this.coalesceTimers[vector];
     if (t) clearTimeout(t);
     this.coalesceTimers[vector] = null;
+    if (this.frozen) return; // its completions are still outstanding: interrupted when resumed
     this.coalesceCount[vector] = 0;
     if (this.msixEnabled) this.interrupt(vector);
   }
@@ -1135,3 +1458,6 @@ function deriveIds(serial: string, model: string): { nguid: Buffer; eui64: Buffe
   const uuidText = `${x.slice(0, 8)}-${x.slice(8, 12)}-${x.slice(12, 16)}-${x.slice(16, 20)}-${x.slice(20)}`;
   return { nguid, eui64, uuid, uuidText };
 }
+
+/** Scratch for a Dataset Management range list re-read for the dirty log (256 ranges). */
+const dsmScratch = Buffer.alloc(256 * DSM_RANGE_SIZE);
