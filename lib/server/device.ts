@@ -4,10 +4,11 @@
  * message or an fd). `PciDevice` (lib/pci) implements it for PCI devices.
  */
 import type { Fd } from '../native/fd';
-import type { DmaSpace } from './dma';
+import type { DmaRegion, DmaSpace } from './dma';
 import type { IoEventfd } from './ioeventfd';
 import type { IrqIndexInfo, IrqTable } from './irq';
 import type { MigrationHooks } from './migration';
+import type { QUIESCE_BUSY, QuiesceReason } from './quiesce';
 
 /** 0 for success, or a positive errno the client gets in the error reply. */
 export type AccessResult = number | void;
@@ -45,6 +46,12 @@ export interface DeviceRegion {
 export interface DeviceContext {
   readonly dma: DmaSpace;
   readonly irqs: IrqTable;
+  /**
+   * Finish a deferred quiesce ({@link VfioUserDevice.quiesce} returned `'busy'`): 0 (default) when
+   * quiesced, else the errno the waiting command fails with. False if none was outstanding.
+   * (Always there when a VfioUserServer serves the device; test rigs may leave it out.)
+   */
+  quiesced?(errno?: number): boolean;
 }
 
 export interface VfioUserDevice {
@@ -70,6 +77,26 @@ export interface VfioUserDevice {
   suspend?(): void | Promise<void>;
   /** The client changed IRQ routing for `index` (e.g. gave an MSI-X vector its eventfd). */
   irqsChanged?(index: number): void;
+  /**
+   * The client mapped memory (DMA_MAP accepted): `region.iova`, `region.size`, `region.flags`
+   * (READ/WRITE protection), `region.mapping` (null: reached by DMA_READ/WRITE messages).
+   */
+  dmaMapped?(region: DmaRegion): void;
+  /**
+   * The client takes a map back (DMA_UNMAP, UNMAP ALL, or it went away): the range is already
+   * unreachable for new DMA, its memory still mapped; release what you hold of it. The unmap (and
+   * the reply to the client) waits for the promise.
+   */
+  dmaUnmapped?(region: DmaRegion): void | Promise<void>;
+  /**
+   * Quiesce before DMA_MAP, DMA_UNMAP, DEVICE_RESET, a migration state change or the reset after
+   * a hang-up (libvfio-user's quiesce callback; quiesce.ts): stop starting DMA and interrupts, and
+   * return when quiesced (or a promise), or `'busy'` and call `ctx.quiesced()` later. The command,
+   * and every command after it, waits.
+   */
+  quiesce?(reason: QuiesceReason): void | Promise<void> | typeof QUIESCE_BUSY;
+  /** The command the device quiesced for is done: carry on. */
+  unquiesce?(reason: QuiesceReason): void;
   /** The server is closing for good: release device resources. */
   close?(): void | Promise<void>;
 }

@@ -65,6 +65,16 @@ export interface DmaBuffer {
   release(): void;
 }
 
+/**
+ * Told of the client's maps (the server sets it from the device's `dmaMapped` / `dmaUnmapped`):
+ * `mapped` once a map is in place; `unmapped` once a map is no longer reachable for new DMA but
+ * before its memory goes: release what you hold of it; the unmap waits for the promise.
+ */
+export interface DmaListener {
+  mapped(region: DmaRegion): void;
+  unmapped(region: DmaRegion): void | Promise<void>;
+}
+
 export interface DmaMapRequest {
   iova: bigint;
   size: bigint;
@@ -99,6 +109,8 @@ export class DmaSpace {
    * stays in place, answering EFAULT, until the client unmaps it or goes away.
    */
   onPoison: ((region: DmaRegion) => void) | null = null;
+  /** Told of every map added and removed (DMA_MAP, DMA_UNMAP, UNMAP ALL, a client leaving). */
+  listener: DmaListener | null = null;
 
   constructor(readonly maxMaps = 65535) {}
 
@@ -166,6 +178,7 @@ export class DmaSpace {
     // Only shared maps are logged: writes to message-only maps went through the client.
     if (this.logPageSize > 0 && mapping !== null && this.inLoggedRange(region)) this.dirty.set(region, newLog(size, this.logPageSize));
     this.regions.splice(at, 0, region);
+    this.listener?.mapped(region);
     return 0;
   }
 
@@ -178,6 +191,7 @@ export class DmaSpace {
     if (i < 0) return Errno.ENOENT;
     const [region] = this.regions.splice(i, 1);
     this.dirty.delete(region!);
+    await this.listener?.unmapped(region!);
     await region!.mapping?.unmap();
     return 0;
   }
@@ -187,7 +201,12 @@ export class DmaSpace {
     const all = this.regions;
     this.regions = [];
     this.dirty.clear();
-    await Promise.all(all.map((r) => r.mapping?.unmap()));
+    await Promise.all(
+      all.map(async (r) => {
+        await this.listener?.unmapped(r);
+        await r.mapping?.unmap();
+      }),
+    );
   }
 
   /** The region containing `iova`, or null. */

@@ -28,6 +28,7 @@ import type { ResetReason, VfioUserDevice } from './device';
 import { DmaSpace } from './dma';
 import { IrqTable } from './irq';
 import { Migration } from './migration';
+import { Quiescer } from './quiesce';
 import { Session, type ServerCore } from './session';
 
 const debug = debuglog('vfio-user:server');
@@ -84,6 +85,8 @@ export class VfioUserServer extends EventEmitter implements ServerCore {
   readonly irqs: IrqTable;
   readonly migration: Migration | null;
   readonly writeMultiple: boolean;
+  /** Asks the device to quiesce around DMA_MAP/UNMAP, resets and migration changes (quiesce.ts). */
+  readonly quiescer: Quiescer;
   private listenFd: Fd | null;
   private readonly poller: InstanceType<typeof binding.Poller>;
   private session: Session | null = null;
@@ -115,7 +118,27 @@ export class VfioUserServer extends EventEmitter implements ServerCore {
     this.irqs = new IrqTable(device.irqs);
     this.irqs.onChange = (index) => device.irqsChanged?.(index);
     this.migration = device.migration ? new Migration(device.migration) : null;
-    device.attach({ dma: this.dma, irqs: this.irqs });
+    this.quiescer = new Quiescer(device, (err) => this.deviceError(err));
+    if (device.dmaMapped !== undefined || device.dmaUnmapped !== undefined) {
+      // The device hears of maps; its mistakes are reported, never the client's failure.
+      this.dma.listener = {
+        mapped: (region) => {
+          try {
+            device.dmaMapped?.(region);
+          } catch (err) {
+            this.deviceError(err);
+          }
+        },
+        unmapped: async (region) => {
+          try {
+            await device.dmaUnmapped?.(region);
+          } catch (err) {
+            this.deviceError(err);
+          }
+        },
+      };
+    }
+    device.attach({ dma: this.dma, irqs: this.irqs, quiesced: (errno) => this.quiescer.done(errno) });
     // A client that truncated memory it shared with us lied about it: the map is poisoned (its
     // DMA fails with EFAULT) and the client is let go; the device is reset as for any hang-up.
     this.dma.onPoison = (region) => {
@@ -174,9 +197,28 @@ export class VfioUserServer extends EventEmitter implements ServerCore {
     };
   }
 
-  async resetDevice(reason: ResetReason): Promise<void> {
-    await this.device.reset?.(reason);
-    this.migration?.onReset();
+  /**
+   * Reset the device (quiesced first, if it asks to be). Resolves 0, or the errno it failed to
+   * quiesce with (the reset after a hang-up happens anyway).
+   */
+  async resetDevice(reason: ResetReason): Promise<number> {
+    const lost = reason === 'lost-connection';
+    const errno = await this.quiescer.run(
+      lost ? 'lost-connection' : 'reset',
+      async () => {
+        await this.device.reset?.(reason);
+        this.migration?.onReset();
+        return 0;
+      },
+      lost,
+    );
+    return lost ? 0 : errno;
+  }
+
+  /** A device callback threw: reported as 'error' when anyone listens; the server goes on. */
+  private deviceError(err: unknown): void {
+    debug('device error: %s', (err as Error)?.message ?? String(err));
+    if (this.listenerCount('error') > 0) this.emit('error', err);
   }
 
   /** Stop listening, disconnect the client, drop its state, remove the socket file. */

@@ -49,6 +49,7 @@ import { regionIoFdsReply } from './ioeventfd';
 import type { AccessResult, DeviceRegion, ResetReason, VfioUserDevice } from './device';
 import type { IrqTable } from './irq';
 import type { Migration } from './migration';
+import type { Quiescer } from './quiesce';
 import type { CapabilitiesInput } from '../protocol/capabilities';
 
 /** What a session needs of the server that owns it. */
@@ -60,7 +61,10 @@ export interface ServerCore extends EventEmitter {
   readonly writeMultiple: boolean;
   /** The capabilities this server announces in VERSION. */
   capabilities(): CapabilitiesInput;
-  resetDevice(reason: ResetReason): Promise<void>;
+  /** Quiesces the device around the commands that need it. */
+  readonly quiescer: Quiescer;
+  /** Reset (quiesced first); resolves 0 or the errno the device failed to quiesce with. */
+  resetDevice(reason: ResetReason): Promise<number>;
 }
 
 const debug = debuglog('vfio-user:server');
@@ -559,7 +563,13 @@ const HANDLERS: Partial<Record<number, Handler>> = {
     const req = decodeDmaMapRequest(msg.payload);
     if (msg.fdCount > 1) return Errno.EINVAL;
     const fd = msg.fdCount === 1 ? msg.takeFd(0) : null;
-    return s.core.dma.add({ iova: req.address, size: req.size, offset: req.offset, flags: req.flags }, fd);
+    const map = () => s.core.dma.add({ iova: req.address, size: req.size, offset: req.offset, flags: req.flags }, fd);
+    if (!s.core.quiescer.enabled) return map();
+    // add() closes the fd; if the device fails to quiesce, add() never runs.
+    return s.core.quiescer.run('dma-map', map).then((r) => {
+      fd?.close();
+      return r;
+    });
   },
 
   [Command.DMA_UNMAP]: async (s, msg) => {
@@ -570,11 +580,12 @@ const HANDLERS: Partial<Record<number, Handler>> = {
     const echo = encodeDmaUnmapReply({ argsz: req.argsz, flags: req.flags, address: req.address, size: req.size });
     if (req.flags === DmaUnmapFlags.ALL) {
       if (req.address !== 0n || req.size !== 0n) return Errno.EINVAL;
-      await s.core.dma.removeAll();
-      return echo;
+      return s.core.quiescer.run('dma-unmap', async () => {
+        await s.core.dma.removeAll();
+        return echo;
+      });
     }
-    const errno = await s.core.dma.remove(req.address, req.size);
-    return errno || echo;
+    return s.core.quiescer.run('dma-unmap', async () => (await s.core.dma.remove(req.address, req.size)) || echo);
   },
 
   [Command.DEVICE_GET_INFO]: (s, msg) => {
@@ -627,8 +638,7 @@ const HANDLERS: Partial<Record<number, Handler>> = {
   [Command.DEVICE_RESET]: async (s, msg) => {
     decodeDeviceResetRequest(msg.payload);
     if ((s.device.flags & DeviceFlags.RESET) === 0) return Errno.EINVAL;
-    await s.core.resetDevice('client');
-    return 0;
+    return s.core.resetDevice('client');
   },
 
   [Command.DEVICE_FEATURE]: (s, msg) => deviceFeature(s, msg),
@@ -674,7 +684,7 @@ async function deviceFeature(s: Session, msg: IncomingMessage): Promise<HandlerR
     case DeviceFeature.MIG_DEVICE_STATE: {
       if (op === DeviceFeature.GET) return get(encodeMigDeviceState({ deviceState: mig.state, dataFd: 0xffffffff }));
       const { deviceState } = decodeMigDeviceState(req.data);
-      const errno = await mig.setState(deviceState);
+      const errno = deviceState === mig.state ? 0 : await s.core.quiescer.run('migration', () => mig.setState(deviceState));
       return errno || get(encodeMigDeviceState({ deviceState: mig.state, dataFd: 0xffffffff }));
     }
     case DeviceFeature.DMA_LOGGING_START: {
