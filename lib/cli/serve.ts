@@ -7,7 +7,7 @@ import * as fs from 'node:fs';
 import { Idio16Device } from '../devices/gpio/idio16';
 import { NvmeController } from '../devices/nvme/controller';
 import { VirtioBlkDevice } from '../devices/virtio-blk/device';
-import { FileBackend, RamBackend, type BlockBackend } from '../block';
+import { FileBackend, NbdBackend, RamBackend, type BlockBackend } from '../block';
 import { VfioUserServer, type ServerOptions } from '../server/server';
 import type { CliCommand } from './command';
 
@@ -25,6 +25,11 @@ nvme options:
   --size SIZE          namespace size, e.g. 1G, 512M (default 1G); RAM-backed unless --file
   --file PATH          back the namespace with a file or block device (created if missing, with
                        --size); Flush and FUA reach the disk with fdatasync
+  --nbd URI            back the namespace with an NBD export, nbd://HOST[:PORT]/EXPORT or
+                       nbd+unix:///EXPORT?socket=PATH (qemu-nbd, qemu-storage-daemon, nbdkit); the
+                       size is the export's; I/O waits while the server is away (30 s at most)
+  --nbd-connections N  NBD connections when the server allows several, 1..16 (default 4)
+  --read-only          a write-protected namespace (any backend; writes fail)
   --queues N           I/O queue pairs, 1..64 (default 16)
   --block-size B       logical block size, 512 or 4096 (default 512)
   --serial S           serial number (default: random)
@@ -78,6 +83,8 @@ export const serveCommand: CliCommand = {
     doorbells: { type: 'string' },
     notify: { type: 'string' },
     'read-only': { type: 'boolean' },
+    nbd: { type: 'string' },
+    'nbd-connections': { type: 'string' },
   },
   async run(positionals, values) {
     const [device, socket] = positionals;
@@ -105,7 +112,7 @@ export const serveCommand: CliCommand = {
     if (device === 'nvme') {
       let controller: NvmeController;
       try {
-        controller = nvmeFromOptions(values);
+        controller = await nvmeFromOptions(values);
       } catch (err) {
         console.error(`vfio-user serve nvme: ${(err as Error).message}`);
         return 2;
@@ -194,20 +201,30 @@ function intOption(values: Record<string, unknown>, name: string, min: number, m
   return n;
 }
 
-function nvmeFromOptions(values: Record<string, string | boolean | undefined>): NvmeController {
+async function nvmeFromOptions(values: Record<string, string | boolean | undefined>): Promise<NvmeController> {
   const size = values.size === undefined ? undefined : parseSize(String(values.size));
-  const blockSize = intOption(values, 'block-size', 512, 4096);
+  let blockSize = intOption(values, 'block-size', 512, 4096);
   if (blockSize !== undefined && blockSize !== 512 && blockSize !== 4096) throw new Error('--block-size must be 512 or 4096');
   const doorbells = values.doorbells ?? 'trap';
   if (doorbells !== 'trap' && doorbells !== 'mmap') throw new Error(`--doorbells must be trap or mmap, got '${String(doorbells)}'`);
   const queues = intOption(values, 'queues', 1, 64);
   const traceFile = values.trace === undefined ? null : String(values.trace);
   const traceFd = traceFile === null ? null : fs.openSync(traceFile, 'a');
+  const readOnly = values['read-only'] === true;
+  const nbdConnections = intOption(values, 'nbd-connections', 1, 16);
   let backend: BlockBackend;
-  if (values.file !== undefined) {
-    backend = FileBackend.open(String(values.file), size === undefined ? {} : { size });
+  if (values.nbd !== undefined) {
+    if (values.file !== undefined || size !== undefined) throw new Error('--nbd takes neither --file nor --size (the size is the export\'s)');
+    const nbd = await NbdBackend.open(String(values.nbd), { readOnly, ...(nbdConnections !== undefined ? { connections: nbdConnections } : {}) });
+    if (nbd.minBlock > (blockSize ?? 512)) {
+      if (blockSize !== undefined || nbd.minBlock > 4096) throw new Error(`the NBD export's minimum block size is ${nbd.minBlock}`);
+      blockSize = 4096;
+    }
+    backend = nbd;
+  } else if (values.file !== undefined) {
+    backend = FileBackend.open(String(values.file), { ...(size === undefined ? {} : { size }), readOnly });
   } else {
-    backend = new RamBackend(size ?? 2 ** 30);
+    backend = new RamBackend(size ?? 2 ** 30, { readOnly });
   }
   if (backend.size % (blockSize ?? 512) !== 0) throw new Error(`the namespace size ${backend.size} is not a multiple of the block size`);
   return new NvmeController({
@@ -224,8 +241,11 @@ function nvmeFromOptions(values: Record<string, string | boolean | undefined>): 
 async function serveNvme(socket: string, options: ServerOptions, json: boolean, controller: NvmeController, values: Record<string, unknown>): Promise<number> {
   const server = await VfioUserServer.listen(socket, controller, options);
   const say = (obj: Record<string, unknown>, text: string) => console.log(json ? JSON.stringify(obj) : text);
-  const backing = values.file !== undefined ? `file ${String(values.file)}` : 'RAM';
+  const nbd = controller.backend instanceof NbdBackend ? controller.backend : null;
+  const backing = `${nbd !== null ? `nbd ${nbd.uri}` : values.file !== undefined ? `file ${String(values.file)}` : 'RAM'}${controller.backend.readOnly ? ', read-only' : ''}`;
   const size = controller.backend.size;
+  nbd?.on('disconnect', (err: Error) => say({ event: 'nbd-disconnect', error: err.message }, `NBD server lost (${err.message}): I/O waits while reconnecting`));
+  nbd?.on('reconnect', () => say({ event: 'nbd-reconnect' }, 'NBD server back: I/O resumes'));
   say(
     { event: 'ready', device: 'nvme', socket, sizeBytes: size, backing, qemu: qemuOption(socket) },
     `vfio-user: serving nvme (${(size / 2 ** 30).toFixed(2)} GiB, ${backing}) on ${socket}\nattach with: ${qemuOption(socket)}`,

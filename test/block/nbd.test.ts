@@ -248,9 +248,10 @@ describe('transmission', () => {
     expect(b.stats.connections).toBe(1);
   });
 
-  it('close() flushes, waits for commands in flight and disconnects with NBD_CMD_DISC', async () => {
+  it('close() flushes, waits for commands in flight and disconnects every connection with NBD_CMD_DISC', async () => {
     const s = await fake({ delayMs: 20 });
-    const b = await open(s, { connections: 1 });
+    const b = await open(s, { connections: 3 });
+    expect(s.open).toHaveLength(3);
     const w = b.write(0, Buffer.alloc(4096, 3), false);
     await b.close();
     await w;

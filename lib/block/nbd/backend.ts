@@ -258,8 +258,9 @@ export class NbdBackend extends EventEmitter implements BlockBackend {
       this.#wake?.();
       this.#failQueue(new NbdError(`${this.uri}: the backend is closed`, 'ECANCELED'));
       if (this.#deadlineTimer !== null) clearTimeout(this.#deadlineTimer);
-      await Promise.all(this.#live.map((c) => c.close()));
+      const live = this.#live;
       this.#live = [];
+      await Promise.all(live.map((c) => c.close()));
       if (flushError !== null) throw flushError;
     })();
     return this.#closing;

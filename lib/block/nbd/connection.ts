@@ -716,6 +716,7 @@ export class NbdConnection {
     this.#phase = 'closed';
     this.#stopTimer();
     const timer = setTimeout(() => this.#socket.destroy(), 2000);
+    timer.unref();
     this.#socket.once('close', () => clearTimeout(timer));
     this.#notifyClose(null, []);
   }
