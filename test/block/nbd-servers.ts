@@ -153,3 +153,22 @@ export function qemuStorageDaemon(
   }
   return new NbdServerProcess('qemu-storage-daemon', run.binary, qsdArgs, uri);
 }
+
+/**
+ * How to run qemu-storage-daemon: from the QEMU root of the interop cache when it has one (through
+ * the root's loader, as the harness runs qemu-system), else Debian 12's (qemu-system-common).
+ */
+export function storageDaemonRun(): { binary: string; loader?: string; libDir?: string; moduleDir?: string } | null {
+  const root = path.join(process.env.VFIO_USER_INTEROP_DIR || '/var/cache/vfio-user-interop', 'qemu-root');
+  const binary = path.join(root, 'usr/bin/qemu-storage-daemon');
+  if (fs.existsSync(binary)) {
+    return {
+      binary,
+      loader: path.join(root, 'usr/lib64/ld-linux-x86-64.so.2'),
+      libDir: path.join(root, 'usr/lib/x86_64-linux-gnu'),
+      moduleDir: path.join(root, 'usr/lib/x86_64-linux-gnu/qemu'),
+    };
+  }
+  const host = which('qemu-storage-daemon');
+  return host === null ? null : { binary: host };
+}
