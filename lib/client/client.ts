@@ -1165,6 +1165,21 @@ export class VfioUserClient extends EventEmitter<VfioUserClientEvents> {
   }
 
   /**
+   * Drops the connection as a crashed VMM's would end, keeping DMA memory, eventfds and state for
+   * {@link VfioUserClient.reconnect} (`'disconnect'` is emitted). Pending calls fail with ECONNRESET.
+   */
+  disconnect(): void {
+    if (this.#state !== 'open') return;
+    this.#flushMulti();
+    this.#dropping = true;
+    try {
+      this.#lost(new VfioUserError(Errno.ECONNRESET, 0, 0, 'disconnected by the client'));
+    } finally {
+      this.#dropping = false;
+    }
+  }
+
+  /**
    * Connects again (to `path`, default the same socket) and re-establishes the session as a VMM
    * re-attaching to a kept device does: VERSION, DEVICE_GET_INFO (it must be the same device
    * layout), region and IRQ info, DMA_MAP of every range at the same address with the same fds,
@@ -1193,6 +1208,7 @@ export class VfioUserClient extends EventEmitter<VfioUserClientEvents> {
         this.#dropping = false;
       }
     }
+    // A client made without the `reconnect` option still reconnects when asked to.
     this.#state = 'connecting';
     const before = this.#device!;
     try {

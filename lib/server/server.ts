@@ -53,6 +53,13 @@ export interface ServerOptions {
    * disconnected (default 5000; 0: no limit). It fires between one and two times this value.
    */
   messageTimeoutMs?: number;
+  /**
+   * Keep the device's state when its client goes away, for the next client (a VMM restarting)
+   * instead of resetting it: the device is suspended (`VfioUserDevice.suspend`: its I/O in flight
+   * finishes, nothing more runs), the client's maps and eventfds are dropped, and the device
+   * carries on once the next client, having mapped its memory again, uses it. Default false.
+   */
+  keepState?: boolean;
 }
 
 /** Listen backlog: a burst of connects queues (and gets a clean EBUSY), not EAGAIN. */
@@ -72,6 +79,8 @@ export interface VfioUserServerEvents {
   reject: [];
   /** A device model threw; the client got EINVAL and the server goes on. */
   error: [error: unknown];
+  /** A migration stream was refused (the client only sees EINVAL): why. */
+  'migration-refused': [error: Error];
 }
 
 /** A client that connected while another was served, and what it sent so far. */
@@ -85,6 +94,8 @@ export class VfioUserServer extends EventEmitter implements ServerCore {
   readonly irqs: IrqTable;
   readonly migration: Migration | null;
   readonly writeMultiple: boolean;
+  /** The device keeps its state across clients (see {@link ServerOptions.keepState}). */
+  readonly keepState: boolean;
   /** Asks the device to quiesce around DMA_MAP/UNMAP, resets and migration changes (quiesce.ts). */
   readonly quiescer: Quiescer;
   private listenFd: Fd | null;
@@ -118,6 +129,8 @@ export class VfioUserServer extends EventEmitter implements ServerCore {
     this.irqs = new IrqTable(device.irqs);
     this.irqs.onChange = (index) => device.irqsChanged?.(index);
     this.migration = device.migration ? new Migration(device.migration) : null;
+    if (this.migration !== null) this.migration.onRefused = (err) => this.emit('migration-refused', err);
+    this.keepState = options.keepState ?? false;
     this.quiescer = new Quiescer(device, (err) => this.deviceError(err));
     if (device.dmaMapped !== undefined || device.dmaUnmapped !== undefined) {
       // The device hears of maps; its mistakes are reported, never the client's failure.
@@ -359,11 +372,16 @@ export class VfioUserServer extends EventEmitter implements ServerCore {
       if (!(await settlesWithin(session.idle(), IDLE_WAIT_MS))) debug('a command still runs %d ms after the client left: resetting anyway', IDLE_WAIT_MS);
       this.irqs.clear();
       this.dma.transport = null;
-      this.migration?.abortSession();
       try {
+        // A migration session ends with its client: the device runs again (migration.ts).
+        await this.migration?.abortSession();
         // The device stops its I/O first, so the unmaps below need not wait on it. A connection
-        // that never negotiated (e.g. a liveness probe) cannot have changed anything.
-        if (session.negotiated !== null) await this.resetDevice('lost-connection');
+        // that never negotiated (e.g. a liveness probe) cannot have changed anything. With
+        // keepState the device is suspended instead of reset: the next client continues it.
+        if (session.negotiated !== null) {
+          if (!this.keepState) await this.resetDevice('lost-connection');
+          else await this.device.suspend?.();
+        }
       } catch (err) {
         // Without a listener, emit('error') would throw and skip the rest of the cleanup.
         if (this.listenerCount('error') > 0) this.emit('error', err);

@@ -690,7 +690,8 @@ async function deviceFeature(s: Session, msg: IncomingMessage): Promise<HandlerR
     case DeviceFeature.DMA_LOGGING_START: {
       const ctl = decodeDmaLoggingControl(req.data);
       if (ctl.pageSize === 0n || s.core.dma.logging) return Errno.EINVAL;
-      const pageSize = s.core.dma.startLogging(Number(ctl.pageSize));
+      const ranges = ctl.ranges.map((r) => ({ iova: Number(r.iova), length: Number(r.length) }));
+      const pageSize = s.core.dma.startLogging(Number(ctl.pageSize), ranges);
       return encodeDeviceFeatureReply({ argsz: req.argsz, flags: req.flags, data: encodeDmaLoggingControl({ ...ctl, pageSize: BigInt(pageSize) }) });
     }
     case DeviceFeature.DMA_LOGGING_STOP:

@@ -357,9 +357,9 @@ class StateLoader implements MigrationLoader {
     this.type = h.readUInt16LE(0);
     const flags = h.readUInt16LE(2);
     const length = h.readUInt32LE(4);
+    if (this.records === 0 && this.type !== RecordType.HEADER) throw new MigrationRefusedError('not a vfio-user device state stream (no header)');
     if (flags !== 0) throw new MigrationRefusedError(`record ${this.records}: unknown flags 0x${flags.toString(16)}`);
     if (length > MAX_RECORD) throw new MigrationRefusedError(`record ${this.records}: ${length} bytes exceed ${MAX_RECORD}`);
-    if (this.records === 0 && this.type !== RecordType.HEADER) throw new MigrationRefusedError('not a vfio-user device state stream (no header)');
     this.payload = Buffer.allocUnsafe(length);
     this.payloadFill = 0;
   }

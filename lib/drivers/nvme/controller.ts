@@ -50,7 +50,7 @@ import { PciIrq, PciRegion } from '../../protocol/constants';
 import { AdminOpcode, Cns, FeatureId } from '../../devices/nvme/constants';
 import { Oacs } from '../../devices/nvme/structs';
 import { IDENTIFY_SIZE } from '../../devices/nvme/structs';
-import { MappedDoorbells, MessageDoorbells, ShadowDoorbells, type DoorbellWriter } from './doorbells';
+import { IoEventfdDoorbells, MappedDoorbells, MessageDoorbells, ShadowDoorbells, type DoorbellKind, type DoorbellWriter } from './doorbells';
 import { NvmeAbortedError } from './errors';
 import { parseIdentifyController, parseIdentifyNamespace, parseNamespaceList, type IdentifyController, type NamespaceInfo } from './identify';
 import { QueuePair, queueDeleted, type CompletionMode, type Completion, type NvmeCommand, type SubmitOptions } from './queue';
@@ -60,6 +60,8 @@ const debug = debuglog('vfio-user:nvme');
 
 /** The BAR holding the controller registers. */
 const BAR0 = PciRegion.BAR0;
+/** Doorbells looked up among the ioeventfds: the first doorbell page (NVMe 1.4: BAR0 0x1000..0x1fff). */
+const BAR0_DOORBELL_END = 0x2000;
 /** Most entries of an admin queue (AQA fields are 12 bits, 0's based). */
 const MAX_ADMIN_ENTRIES = 4096;
 /** Largest transfer the driver uses per command unless told otherwise (and MDTS allows). */
@@ -76,9 +78,12 @@ export interface NvmeDriverOptions {
   completions?: CompletionMode;
   /**
    * How doorbells are written: 'mmap' (stores into the doorbell page, when the server offers it
-   * as a sparse mmap area), 'message' (REGION_WRITE to BAR0), or 'auto' (default: mmap if offered).
+   * as a sparse mmap area), 'ioeventfd' (a store into shadow memory and an eventfd signal, when
+   * the server offers ioeventfds for the doorbells), 'message' (REGION_WRITE to BAR0), or 'auto'
+   * (default: mmap if offered, else ioeventfds if offered, else messages). After a reconnect or a
+   * move, ioeventfd doorbells fall back to messages.
    */
-  doorbells?: 'auto' | 'mmap' | 'message';
+  doorbells?: 'auto' | 'mmap' | 'ioeventfd' | 'message';
   /**
    * Use shadow doorbells (Doorbell Buffer Config) for I/O queues when the controller offers them
    * (OACS bit 8) and doorbells are messages: most doorbell updates then stay in shared memory.
@@ -171,7 +176,9 @@ export class NvmeDriver {
     debug('connection lost: waiting for a reconnect');
   };
   readonly #onReconnect = (): void => {
-    this.#reattaching = this.#reattach().catch((err: unknown) => this.#fatal(err as Error));
+    const done = this.#reattach();
+    done.catch((err: unknown) => this.#fatal(err as Error));
+    this.#reattaching = done;
   };
   /** Settles when the work after the last reconnect is done. */
   #reattaching: Promise<void> = Promise.resolve();
@@ -245,7 +252,10 @@ export class NvmeDriver {
     return this.#pci;
   }
 
-  /** Settles when the driver has caught up after the client's last reconnect. */
+  /**
+   * Settles when the driver has caught up after the client's last reconnect; rejects (ECONNRESET)
+   * if the controller did not keep its state.
+   */
   get reattached(): Promise<void> {
     return this.#reattaching;
   }
@@ -288,8 +298,8 @@ export class NvmeDriver {
     return this.#vectors;
   }
 
-  /** How doorbells are written ('mmap' or 'message'). */
-  get doorbellKind(): 'mmap' | 'message' {
+  /** How doorbells are written ('mmap', 'ioeventfd' or 'message'). */
+  get doorbellKind(): DoorbellKind {
     return this.#doorbells.kind;
   }
 
@@ -588,6 +598,9 @@ export class NvmeDriver {
   async #bringUp(): Promise<void> {
     this.#listen(this.client);
     this.#setUpDoorbells();
+    await this.#setUpIoEventfds();
+    // I/O queues use the same writer unless shadow doorbells are set up later.
+    this.#ioDoorbells = this.#doorbells;
     await this.#disable();
     if (this.completions === 'msix') await this.#setUpMsix();
     await this.#enable();
@@ -597,7 +610,7 @@ export class NvmeDriver {
 
   #setUpDoorbells(): void {
     const want = this.#options.doorbells ?? 'auto';
-    if (want === 'message') return;
+    if (want === 'message' || want === 'ioeventfd') return;
     const info = this.client.region(BAR0);
     const first = sqTailDoorbell(0, this.cap.doorbellStride);
     if (info.mappable) {
@@ -616,6 +629,32 @@ export class NvmeDriver {
       }
     }
     if (want === 'mmap') throw codeError('ENODEV', 'the server does not offer the doorbell page of BAR0 for mmap');
+  }
+
+  /**
+   * ioeventfds for the doorbells (DEVICE_GET_REGION_IO_FDS on BAR0), when wanted and offered and
+   * the doorbell page is not mapped: each doorbell is then a shadow store and an eventfd signal.
+   */
+  async #setUpIoEventfds(): Promise<void> {
+    const want = this.#options.doorbells ?? 'auto';
+    if (this.#doorbells.kind !== 'message' || (want !== 'auto' && want !== 'ioeventfd')) return;
+    const first = sqTailDoorbell(0, this.cap.doorbellStride);
+    let writer: IoEventfdDoorbells | null = null;
+    try {
+      const set = await this.client.useIoEventfds(BAR0);
+      writer = IoEventfdDoorbells.from(set, first, (BAR0_DOORBELL_END - first) >>> 2, this.#doorbells);
+      if (writer === null) this.client.stopIoEventfds(BAR0);
+    } catch (err) {
+      if (want === 'ioeventfd') throw err;
+      debug('doorbells: DEVICE_GET_REGION_IO_FDS failed (%s); using messages', (err as Error).message);
+      return;
+    }
+    if (writer === null) {
+      if (want === 'ioeventfd') throw codeError('ENODEV', 'the server offers no ioeventfds for the doorbells of BAR0');
+      return;
+    }
+    this.#doorbells = writer;
+    debug('doorbells: %d ioeventfds', writer.covered);
   }
 
   async #setUpMsix(): Promise<void> {
