@@ -7,9 +7,11 @@ import * as fs from 'node:fs';
 import { Idio16Device } from '../devices/gpio/idio16';
 import { NvmeController } from '../devices/nvme/controller';
 import { VirtioBlkDevice } from '../devices/virtio-blk/device';
-import { FileBackend, NbdBackend, RamBackend, type BlockBackend } from '../block';
+import { NbdBackend, RamBackend, type BlockBackend } from '../block';
 import { VfioUserServer, type ServerOptions } from '../server/server';
 import type { CliCommand } from './command';
+import { listenErrorMessage, socketPathProblem } from './messages';
+import { checkBlockMultiple, Provisional } from './provisional';
 
 const USAGE = `Usage: vfio-user serve <device> SOCKET [options]
 
@@ -89,7 +91,8 @@ export const serveCommand: CliCommand = {
   async run(positionals, values) {
     const [device, socket] = positionals;
     if (device === undefined || socket === undefined || positionals.length > 2) {
-      console.error(USAGE);
+      const why = device === undefined ? 'a device and a SOCKET are required' : socket === undefined ? 'SOCKET is required' : `unexpected argument '${positionals[2]!}'`;
+      console.error(`vfio-user serve: ${why}\n\n${USAGE}`);
       return 2;
     }
     const mode = values.mode === undefined ? 0o600 : parseInt(String(values.mode), 8);
@@ -108,31 +111,68 @@ export const serveCommand: CliCommand = {
       return 2;
     }
     const json = values.json === true;
-    if (device === 'gpio') return serveGpio(path.resolve(socket), options, json);
+    const own = DEVICE_OPTIONS[device];
+    if (own !== undefined) {
+      const foreign = Object.keys(values).find((k) => values[k] !== undefined && !own.includes(k) && Object.values(DEVICE_OPTIONS).some((o) => o.includes(k)));
+      if (foreign !== undefined) {
+        const takers = Object.keys(DEVICE_OPTIONS).filter((d) => DEVICE_OPTIONS[d]!.includes(foreign));
+        console.error(`vfio-user serve ${device}: --${foreign} does not apply to ${device} (only to ${takers.join(', ')})\n\n${USAGE}`);
+        return 2;
+      }
+      // Before anything is made: a socket that cannot be bound is known now.
+      const problem = socketPathProblem(path.resolve(socket));
+      if (problem !== null) {
+        console.error(`vfio-user serve ${device}: ${path.resolve(socket)}: ${problem}`);
+        return 1;
+      }
+    }
+    /** Runs a server to its end; one that could not start takes back the files made for it. */
+    const serve = async (running: Promise<number>): Promise<number> => {
+      try {
+        return await running;
+      } catch (err) {
+        provisional.rollback();
+        console.error(`vfio-user serve ${device}: ${path.resolve(socket)}: ${listenErrorMessage(err, path.resolve(socket))}`);
+        return 1;
+      }
+    };
+    if (device === 'gpio') return serve(serveGpio(path.resolve(socket), options, json));
     if (device === 'nvme') {
       let controller: NvmeController;
       try {
         controller = await nvmeFromOptions(values);
       } catch (err) {
+        provisional.rollback();
         console.error(`vfio-user serve nvme: ${(err as Error).message}`);
         return 2;
       }
-      return serveNvme(path.resolve(socket), options, json, controller, values);
+      return serve(serveNvme(path.resolve(socket), options, json, controller, values));
     }
     if (device === 'virtio-blk') {
       let disk: VirtioBlkDevice;
       try {
         disk = virtioBlkFromOptions(values);
       } catch (err) {
+        provisional.rollback();
         console.error(`vfio-user serve virtio-blk: ${(err as Error).message}`);
         return 2;
       }
-      return serveVirtioBlk(path.resolve(socket), options, json, disk, values);
+      return serve(serveVirtioBlk(path.resolve(socket), options, json, disk, values));
     }
     console.error(`vfio-user serve: unknown device '${device}' (known: gpio, nvme, virtio-blk)`);
     return 2;
   },
 };
+
+/** The options only some devices take (the rest apply to every device). */
+const DEVICE_OPTIONS: Record<string, readonly string[]> = {
+  gpio: [],
+  nvme: ['size', 'file', 'queues', 'block-size', 'serial', 'model', 'trace', 'doorbells', 'read-only', 'nbd', 'nbd-connections'],
+  'virtio-blk': ['size', 'file', 'queues', 'block-size', 'serial', 'trace', 'notify', 'read-only'],
+};
+
+/** The files made for the server (--file, --trace), removed again if it does not start. */
+const provisional = new Provisional();
 
 function qemuOption(socket: string): string {
   return `-device '${JSON.stringify({ driver: 'vfio-user-pci', socket: { path: socket, type: 'unix' } })}'`;
@@ -143,7 +183,6 @@ async function serveGpio(socket: string, options: ServerOptions, json: boolean):
   const server = await VfioUserServer.listen(socket, device, options);
   const say = (obj: Record<string, unknown>, text: string) => console.log(json ? JSON.stringify(obj) : text);
 
-  say({ event: 'ready', device: 'gpio', socket, qemu: qemuOption(socket) }, `vfio-user: serving gpio (ACCES PCI-IDIO-16) on ${socket}\nattach with: ${qemuOption(socket)}`);
   server.on('connect', () => say({ event: 'connect' }, 'client connected'));
   server.on('disconnect', (err: Error | null) => say({ event: 'disconnect', error: err?.message ?? null }, `client disconnected${err ? `: ${err.message}` : ''}`));
   device.events.on('outputs', (value) => say({ event: 'outputs', value }, `outputs 0x${value.toString(16).padStart(4, '0')}`));
@@ -175,10 +214,15 @@ async function serveGpio(socket: string, options: ServerOptions, json: boolean):
   return new Promise<number>((resolve) => {
     const stop = () => {
       input.close();
-      void server.close().then(() => resolve(0));
+      void server.close().then(() => {
+        say({ event: 'stopped' }, 'stopped: socket removed');
+        resolve(0);
+      });
     };
     process.once('SIGINT', stop);
     process.once('SIGTERM', stop);
+    // Ready only now that Ctrl-C and SIGTERM stop cleanly: a supervisor may stop us at once.
+    say({ event: 'ready', device: 'gpio', socket, qemu: qemuOption(socket) }, `vfio-user: serving gpio (ACCES PCI-IDIO-16) on ${socket}\nattach with: ${qemuOption(socket)}`);
   });
 }
 
@@ -209,7 +253,7 @@ async function nvmeFromOptions(values: Record<string, string | boolean | undefin
   if (doorbells !== 'trap' && doorbells !== 'mmap') throw new Error(`--doorbells must be trap or mmap, got '${String(doorbells)}'`);
   const queues = intOption(values, 'queues', 1, 64);
   const traceFile = values.trace === undefined ? null : String(values.trace);
-  const traceFd = traceFile === null ? null : fs.openSync(traceFile, 'a');
+  const traceFd = traceFile === null ? null : provisional.openTrace(traceFile);
   const readOnly = values['read-only'] === true;
   const nbdConnections = intOption(values, 'nbd-connections', 1, 16);
   let backend: BlockBackend;
@@ -222,11 +266,11 @@ async function nvmeFromOptions(values: Record<string, string | boolean | undefin
     }
     backend = nbd;
   } else if (values.file !== undefined) {
-    backend = FileBackend.open(String(values.file), { ...(size === undefined ? {} : { size }), readOnly });
+    backend = provisional.openBacking(String(values.file), { size, blockSize: blockSize ?? 512, readOnly });
   } else {
     backend = new RamBackend(size ?? 2 ** 30, { readOnly });
   }
-  if (backend.size % (blockSize ?? 512) !== 0) throw new Error(`the namespace size ${backend.size} is not a multiple of the block size`);
+  checkBlockMultiple(size !== undefined ? `--size ${size}` : `the namespace size, ${backend.size} bytes,`, backend.size, blockSize ?? 512);
   return new NvmeController({
     backend,
     doorbells,
@@ -246,10 +290,6 @@ async function serveNvme(socket: string, options: ServerOptions, json: boolean, 
   const size = controller.backend.size;
   nbd?.on('disconnect', (err: Error) => say({ event: 'nbd-disconnect', error: err.message }, `NBD server lost (${err.message}): I/O waits while reconnecting`));
   nbd?.on('reconnect', () => say({ event: 'nbd-reconnect' }, 'NBD server back: I/O resumes'));
-  say(
-    { event: 'ready', device: 'nvme', socket, sizeBytes: size, backing, qemu: qemuOption(socket) },
-    `vfio-user: serving nvme (${(size / 2 ** 30).toFixed(2)} GiB, ${backing}) on ${socket}\nattach with: ${qemuOption(socket)}`,
-  );
   server.on('connect', () => say({ event: 'connect' }, 'client connected'));
   server.on('disconnect', (err: Error | null) => say({ event: 'disconnect', error: err?.message ?? null }, `client disconnected${err ? `: ${err.message}` : ''}`));
   return new Promise<number>((resolve) => {
@@ -268,6 +308,11 @@ async function serveNvme(socket: string, options: ServerOptions, json: boolean, 
     };
     process.once('SIGINT', stop);
     process.once('SIGTERM', stop);
+    // Ready only now that Ctrl-C and SIGTERM stop cleanly: a supervisor may stop us at once.
+    say(
+      { event: 'ready', device: 'nvme', socket, sizeBytes: size, backing, qemu: qemuOption(socket) },
+      `vfio-user: serving nvme (${(size / 2 ** 30).toFixed(2)} GiB, ${backing}) on ${socket}\nattach with: ${qemuOption(socket)}`,
+    );
   });
 }
 
@@ -278,9 +323,10 @@ function virtioBlkFromOptions(values: Record<string, string | boolean | undefine
   const notify = values.notify ?? 'trap';
   if (notify !== 'trap' && notify !== 'mmap') throw new Error(`--notify must be trap or mmap, got '${String(notify)}'`);
   const readOnly = values['read-only'] === true;
-  const traceFd = values.trace === undefined ? null : fs.openSync(String(values.trace), 'a');
+  if (size !== undefined) checkBlockMultiple(`--size ${size}`, size, blockSize ?? 512);
+  const traceFd = values.trace === undefined ? null : provisional.openTrace(String(values.trace));
   const backend: BlockBackend =
-    values.file !== undefined ? FileBackend.open(String(values.file), { ...(size === undefined ? {} : { size }), readOnly }) : new RamBackend(size ?? 2 ** 30);
+    values.file !== undefined ? provisional.openBacking(String(values.file), { size, blockSize: blockSize ?? 512, readOnly }) : new RamBackend(size ?? 2 ** 30);
   return new VirtioBlkDevice({
     backend,
     notify,
@@ -297,10 +343,6 @@ async function serveVirtioBlk(socket: string, options: ServerOptions, json: bool
   const say = (obj: Record<string, unknown>, text: string) => console.log(json ? JSON.stringify(obj) : text);
   const backing = `${values.file !== undefined ? `file ${String(values.file)}` : 'RAM'}${disk.readOnly ? ', read-only' : ''}`;
   const size = disk.capacity * 512;
-  say(
-    { event: 'ready', device: 'virtio-blk', socket, sizeBytes: size, backing, qemu: qemuOption(socket) },
-    `vfio-user: serving virtio-blk (${(size / 2 ** 30).toFixed(2)} GiB, ${backing}) on ${socket}\nattach with: ${qemuOption(socket)}`,
-  );
   server.on('connect', () => say({ event: 'connect' }, 'client connected'));
   server.on('disconnect', (err: Error | null) => say({ event: 'disconnect', error: err?.message ?? null }, `client disconnected${err ? `: ${err.message}` : ''}`));
   return new Promise<number>((resolve) => {
@@ -319,5 +361,10 @@ async function serveVirtioBlk(socket: string, options: ServerOptions, json: bool
     };
     process.once('SIGINT', stop);
     process.once('SIGTERM', stop);
+    // Ready only now that Ctrl-C and SIGTERM stop cleanly: a supervisor may stop us at once.
+    say(
+      { event: 'ready', device: 'virtio-blk', socket, sizeBytes: size, backing, qemu: qemuOption(socket) },
+      `vfio-user: serving virtio-blk (${(size / 2 ** 30).toFixed(2)} GiB, ${backing}) on ${socket}\nattach with: ${qemuOption(socket)}`,
+    );
   });
 }
