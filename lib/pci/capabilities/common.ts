@@ -1,14 +1,30 @@
 /**
- * What a capability is to {@link ConfigSpace}: an ID, a {@link RegisterLayout} (power-on bytes
- * and write masks) and optional hooks. Builders in this folder implement it; device code may too.
+ * What a capability is to a config space (`ConfigSpace`): an ID, a {@link RegisterLayout}
+ * (power-on bytes and write masks) and optional hooks. Builders in this folder implement it;
+ * device code may too.
  *
  * The list header (ID and next pointer: bytes 0-1 of a standard capability, dword 0 of an
- * extended one) is written and kept read-only by {@link ConfigSpace}; a layout leaves it zero.
+ * extended one) is written and kept read-only by the config space; a layout leaves it zero.
  *
  * @packageDocumentation
  */
-import type { ConfigSpace } from '../config-space';
 import { getLE, type RegisterLayout, type RegisterSize } from '../layout';
+
+/**
+ * What a capability sees of the config space holding it: its registers, by config-space offset.
+ * `ConfigSpace` is one; this module names only what capabilities use, so it need not import it.
+ */
+export interface CapabilitySpace {
+  u8(offset: number): number;
+  u16(offset: number): number;
+  u32(offset: number): number;
+  setU16(offset: number, value: number): void;
+  setU32(offset: number, value: number): void;
+  /** Copies bytes from `offset` into `dst`. */
+  read(offset: number, dst: Uint8Array): void;
+  /** Back to power-on values (a function-level or power-state reset asked for by a capability). */
+  reset(): void;
+}
 
 /** A guest write that touched a capability, as passed to {@link Capability.written}. */
 export interface CapabilityWrite {
@@ -29,13 +45,13 @@ export interface Capability {
   /** Power-on bytes and masks, including the (zero) list header. */
   readonly layout: RegisterLayout;
   /** Called once by `addCapability` with where the capability was placed. */
-  attached?(space: ConfigSpace, offset: number): void;
+  attached?(space: CapabilitySpace, offset: number): void;
   /**
    * Called after a guest write changed (masked) bytes of this capability, once per write, after
    * the write is merged. Runs for every write that overlaps, even one that changed nothing.
    */
   written?(write: CapabilityWrite): void;
-  /** Called after {@link ConfigSpace.reset} restored power-on bytes, to reset state kept outside. */
+  /** Called after the config space's reset restored power-on bytes, to reset state kept outside. */
   reset?(): void;
 }
 
@@ -74,9 +90,9 @@ export function valueBefore(write: CapabilityWrite, rel: number, size: RegisterS
  * access to its registers by offset relative to the capability.
  */
 export abstract class PlacedCapability {
-  private placement: { space: ConfigSpace; offset: number } | undefined;
+  private placement: { space: CapabilitySpace; offset: number } | undefined;
 
-  attached(space: ConfigSpace, offset: number): void {
+  attached(space: CapabilitySpace, offset: number): void {
     if (this.placement !== undefined) {
       throw new Error(`${this.constructor.name} was already added to a config space`);
     }
@@ -94,7 +110,7 @@ export abstract class PlacedCapability {
   }
 
   /** The config space holding the capability. @throws Error if not added yet. */
-  protected get space(): ConfigSpace {
+  protected get space(): CapabilitySpace {
     return this.where().space;
   }
 
@@ -118,7 +134,7 @@ export abstract class PlacedCapability {
     this.space.setU32(this.offset + rel, value);
   }
 
-  private where(): { space: ConfigSpace; offset: number } {
+  private where(): { space: CapabilitySpace; offset: number } {
     if (this.placement === undefined) {
       throw new Error(`${this.constructor.name} has not been added to a config space`);
     }
