@@ -114,7 +114,7 @@ export interface VirtioPciOptions {
    * suppressed, then re-enable them and sleep (default 0: never poll; see the module docs).
    */
   spinUs?: number;
-  /** PCI subsystem ID (default 0x40 + deviceType... at least 0x40). */
+  /** PCI subsystem ID (default 0x40, the lowest a non-transitional device should have). */
   subsystemId?: number;
   /** Receives one line per notable event (status changes, resets, guest errors). */
   trace?: (line: string) => void;
