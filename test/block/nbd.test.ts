@@ -157,7 +157,7 @@ describe('transmission', () => {
     const direct = b.stats.bytesDirect - before.bytesDirect;
     const copied = b.stats.bytesCopied - before.bytesCopied;
     expect(direct + copied).toBe(256 * 1024 - 48 * 1024); // the holes carry no data
-    expect(direct).toBeGreaterThan(200 * 1024); // only the 1000-byte buffer's part and buffer edges were copied
+    expect(direct).toBeGreaterThan(128 * 1024); // pieces under 16 KiB (the 1000-byte buffer, chunk and buffer edges) were copied
   });
 
   it('splits requests at the maximum payload', async () => {

@@ -6,8 +6,11 @@
  * Reads land in the caller's buffers (zero-copy views of guest memory) without a copy when the
  * data is large: the socket is given the destination itself as its next read buffer (the public
  * `onread` option of `net.connect`, whose buffer function is asked for a buffer before every
- * read), sized to exactly the bytes of data still due, so the kernel copies the payload straight
- * into guest memory. Headers and small payloads go through one 64 KiB scratch buffer.
+ * read), sized to exactly the bytes of data still due in that buffer, so the kernel copies the
+ * payload straight into guest memory. Headers, small payloads and destination pieces under 16 KiB
+ * (one read call per guest page would cost more than the copy) go through one 64 KiB scratch
+ * buffer; while big reads are in flight, replies are read header first so that their data is not
+ * swallowed by a scratch read.
  *
  * Everything the server sends is checked: magics, handles (a reply for a handle not in flight),
  * chunk types and lengths (a chunk larger than its request or than an error chunk can be),
@@ -106,8 +109,10 @@ export interface NbdConnectionInfo extends ExportInfo {
 
 /** Read buffer for headers and small payloads. */
 const SCRATCH_SIZE = 64 * 1024;
-/** Data still due at least this large is read straight into the destination. */
-const DIRECT_MIN = 4096;
+/** Data due for a destination buffer is read straight into it when at least this much is due
+ * there: smaller pieces (a list of single guest pages) cost less to copy out of the scratch buffer
+ * than one read call each. */
+const DIRECT_PIECE = 16 * 1024;
 /**
  * While a read at least this large is in flight, or was the last read sent, replies are read
  * header first (a short read of a data chunk's header and offset), so that its data lands in the
@@ -435,15 +440,20 @@ export class NbdConnection {
       this.#next = this.#scratch;
       return;
     }
-    if (this.#state === State.DATA && this.#dataLeft >= DIRECT_MIN) {
+    if (this.#state === State.DATA && this.#dataLeft >= DIRECT_PIECE) {
       const bufs = this.#op!.bufs!;
       let pos = this.#dataPos;
       let i = 0;
       while (pos >= bufs[i]!.length) pos -= bufs[i++]!.length;
-      // The rest of this destination buffer, however short: reading further would copy.
+      // The rest of this destination buffer, if long enough to be worth a read call of its own.
       const b = bufs[i]!;
-      this.#next = b.subarray(pos, pos + Math.min(b.length - pos, this.#dataLeft));
-      this.#direct = true;
+      const n = Math.min(b.length - pos, this.#dataLeft);
+      if (n >= DIRECT_PIECE) {
+        this.#next = b.subarray(pos, pos + n);
+        this.#direct = true;
+        return;
+      }
+      this.#next = this.#scratch;
       return;
     }
     this.#next = (this.#bigReads > 0 || this.#lastReadBig) && this.#state !== State.DATA ? this.#headerView : this.#scratch;
