@@ -40,8 +40,10 @@ Options:
                           (perf polls by default, as spdk_nvme_perf does)
   --irq                   perf: wait for MSI-X interrupts instead of polling
   --doorbells MODE        auto (default: the mmap'd doorbell page if the server offers it, else
-                          shadow doorbells if the controller offers them, else messages), mmap,
-                          shadow (Doorbell Buffer Config), message (a REGION_WRITE each)
+                          its ioeventfds if it offers them, else shadow doorbells if the
+                          controller offers them, else messages), mmap, ioeventfd (a shadow
+                          store and an eventfd signal each), shadow (Doorbell Buffer Config),
+                          message (a REGION_WRITE each)
   --json                  machine-readable output (identify, perf; read with --out; write)
   -h, --help              show this help
 
@@ -99,8 +101,8 @@ function seconds(values: Values, name: string, fallback: number): number {
 
 function driverOptions(values: Values, extra: NvmeDriverOptions): NvmeDriverOptions {
   const mode = values.doorbells === undefined ? 'auto' : String(values.doorbells);
-  if (mode !== 'auto' && mode !== 'mmap' && mode !== 'shadow' && mode !== 'message') {
-    throw new UsageError(`--doorbells must be auto, mmap, shadow or message, got '${mode}'`);
+  if (mode !== 'auto' && mode !== 'mmap' && mode !== 'ioeventfd' && mode !== 'shadow' && mode !== 'message') {
+    throw new UsageError(`--doorbells must be auto, mmap, ioeventfd, shadow or message, got '${mode}'`);
   }
   return {
     doorbells: mode === 'shadow' ? 'message' : mode,
@@ -160,8 +162,8 @@ async function withDriver<T>(socket: string, options: NvmeDriverOptions, fn: (dr
   }
 }
 
-/** The doorbells a driver writes: the mmap'd page, shadow doorbells, or messages. */
-function doorbellMode(d: NvmeDriver): 'mmap' | 'shadow' | 'message' {
+/** The doorbells a driver writes: the mmap'd page, ioeventfds, shadow doorbells, or messages. */
+function doorbellMode(d: NvmeDriver): 'mmap' | 'ioeventfd' | 'shadow' | 'message' {
   return d.shadowDoorbells !== null ? 'shadow' : d.doorbellKind;
 }
 
@@ -230,7 +232,7 @@ async function identify(socket: string, values: Values): Promise<number> {
     `  queue entries     ${String(info.capabilities.maxQueueEntries)} max (CAP.MQES + 1)`,
     `  I/O queues        ${String(info.ioQueues)}`,
     `  ready timeout     ${String(info.capabilities.timeoutMs)} ms (CAP.TO)`,
-    `  doorbells         ${info.doorbells === 'mmap' ? "mmap'd page" : info.doorbells === 'shadow' ? 'shadow doorbells (Doorbell Buffer Config)' : 'REGION_WRITE messages'} (stride ${String(info.capabilities.doorbellStride)})`,
+    `  doorbells         ${info.doorbells === 'mmap' ? "mmap'd page" : info.doorbells === 'ioeventfd' ? 'ioeventfds (shadow store + eventfd signal)' : info.doorbells === 'shadow' ? 'shadow doorbells (Doorbell Buffer Config)' : 'REGION_WRITE messages'} (stride ${String(info.capabilities.doorbellStride)})`,
     `  ONCS              ${hex(c.oncs)}${c.oncs & 0x4 ? ' dsm' : ''}${c.oncs & 0x8 ? ' write-zeroes' : ''}`,
     `  volatile cache    ${c.vwc & 1 ? 'yes' : 'no'}`,
     `  namespaces        ${String(c.nn)}`,

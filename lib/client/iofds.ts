@@ -50,6 +50,9 @@ export interface RegionIoFd {
  */
 export class RegionIoFds {
   readonly #shadows: (Mapping | null)[];
+  /** Per sub-region: its shadow slot's view (within the mapped page) and its eventfd number. */
+  readonly #slots: (Buffer | null)[];
+  readonly #eventfds: number[];
   readonly #fds: readonly Fd[];
   #closed = false;
   /** Writes sent through an ioeventfd so far. */
@@ -66,6 +69,13 @@ export class RegionIoFds {
   ) {
     this.#shadows = shadows;
     this.#fds = fds;
+    this.#slots = subRegions.map((s, i) => {
+      const shadow = shadows[i];
+      if (shadow == null || s.shadowOffset === null) return null;
+      const at = Number(s.shadowOffset % BigInt(PAGE));
+      return shadow.bytes.subarray(at, Math.min(PAGE, at + (s.size === 0n ? 8 : Number(s.size))));
+    });
+    this.#eventfds = subRegions.map((s) => (s.type === IoFdType.IOREGIONFD ? -1 : s.fd.value));
   }
 
   get closed(): boolean {
@@ -96,15 +106,22 @@ export class RegionIoFds {
    */
   tryWrite(offset: bigint, data: Uint8Array): boolean {
     const i = this.match(offset, data);
-    if (i < 0) return false;
-    const s = this.subRegions[i]!;
-    const shadow = this.#shadows[i];
-    if (shadow != null && s.shadowOffset !== null) {
-      const at = Number(s.shadowOffset % BigInt(PAGE));
-      shadow.bytes.set(data.subarray(0, Math.min(data.length, PAGE - at)), at);
-    }
+    return i >= 0 && this.writeAt(i, data);
+  }
+
+  /**
+   * Performs a write of `data` through sub-region `i` (as {@link RegionIoFds.match} found it; a
+   * caller that writes one register often looks it up once): the value into its shadow memory,
+   * if any, then the signal. False if the set is closed, `i` is no ioeventfd, or the eventfd's
+   * counter is full.
+   */
+  writeAt(i: number, data: Uint8Array): boolean {
+    const fd = this.#eventfds[i];
+    if (this.#closed || fd === undefined || fd < 0) return false;
+    const slot = this.#slots[i];
+    if (slot != null) slot.set(data.length <= slot.length ? data : data.subarray(0, slot.length));
     try {
-      if (!binding.eventfdSignal(s.fd.value)) return false;
+      if (!binding.eventfdSignal(fd)) return false;
     } catch {
       return false;
     }

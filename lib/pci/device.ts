@@ -7,6 +7,7 @@ import type { Fd } from '../native/fd';
 import { sealSize } from '../native/memfd';
 import { DeviceFlags, Errno, PciIrq, PciRegion, RegionInfoFlags } from '../protocol/constants';
 import type { AccessResult, DeviceContext, DeviceRegion, ResetReason, VfioUserDevice } from '../server/device';
+import { assertIoEventfds, type IoEventfd } from '../server/ioeventfd';
 import type { IrqIndexInfo } from '../server/irq';
 import type { MigrationHooks } from '../server/migration';
 import {
@@ -175,6 +176,21 @@ export class PciDevice implements VfioUserDevice {
   get dma() {
     if (this.ctx === null) throw new Error('device is not attached to a server');
     return this.ctx.dma;
+  }
+
+  /**
+   * Offer ioeventfds for BAR `bar` (libvfio-user's `vfu_create_ioeventfd`), replacing any offered
+   * before: a client that asks (DEVICE_GET_REGION_IO_FDS) signals them instead of sending those
+   * writes as REGION_WRITE; a client that does not keeps writing, so the BAR's `write` must serve
+   * those registers too. See lib/server/ioeventfd.ts.
+   *
+   * @throws {RangeError} for a BAR that does not exist or an ioeventfd that does not fit it.
+   */
+  setIoEventfds(bar: number, ioeventfds: readonly IoEventfd[]): void {
+    const region = Number.isInteger(bar) && bar >= 0 && bar < PciRegion.ROM ? this.regions[bar] : null;
+    if (region == null) throw new RangeError(`BAR ${String(bar)} does not exist`);
+    assertIoEventfds(ioeventfds, region.size, region.flags, `BAR ${bar}`);
+    region.ioeventfds = ioeventfds;
   }
 
   attach(ctx: DeviceContext): void {

@@ -39,7 +39,7 @@ import { RamBackend } from '../../block/ram';
 import type { BulkData } from '../../server/state-stream';
 import { MigrationRefusedError, fromBase64, toBase64 } from '../../server/state-stream';
 import { AdminOpcode, AerErrorInfo, AerType, CriticalWarning, IoOpcode, LogId, Status, statusCode } from './constants';
-import { DEFAULT_POLL_POLICY, DoorbellPage, DoorbellPoller, type DoorbellMode, type PollPolicy, type PollTarget } from './doorbells';
+import { DEFAULT_POLL_POLICY, DOORBELL_MODES, DoorbellPage, DoorbellPoller, type DoorbellMode, type PollPolicy, type PollTarget } from './doorbells';
 import { DSM_AD, DSM_RANGE_SIZE, ioCommand, type IoContext, type IoStats } from './io';
 import { copyFromGuestSync } from './prp';
 import { NVME_STATE_VERSION, RamNamespaceData, checkNvmeState, type CqState, type NvmeState, type SqState } from './state';
@@ -145,7 +145,8 @@ export class NvmeController extends PciDevice implements AdminContext, IoContext
   /** The doorbell poller (mmap'd and shadow doorbells); exposed for measurements. */
   readonly poller: DoorbellPoller;
   /**
-   * How doorbell values arrived: `trapped` as REGION_WRITEs, `mapped` found in the mmap'd page,
+   * How doorbell values arrived: `trapped` as REGION_WRITEs, `mapped` found in the shared page
+   * (mmap'd, or the ioeventfds' shadow memory),
    * `shadow` found in the shadow doorbell buffer (each counts values that moved a tail or head).
    */
   readonly doorbellCounts = { trapped: 0, mapped: 0, shadow: 0 };
@@ -220,10 +221,10 @@ export class NvmeController extends PciDevice implements AdminContext, IoContext
     const blocks = Math.floor(options.backend.size / blockSize);
     if (blocks < 1) throw new RangeError(`The backend (${options.backend.size} bytes) holds no ${blockSize}-byte block`);
     const mode = options.doorbells ?? 'trap';
-    if (mode !== 'trap' && mode !== 'mmap') throw new RangeError(`Expected doorbells 'trap' or 'mmap', got ${String(mode)}`);
+    if (!DOORBELL_MODES.includes(mode)) throw new RangeError(`Expected doorbells 'trap', 'mmap' or 'ioeventfd', got ${String(mode)}`);
     const vendorId = options.vendorId ?? VendorId.NUTANIX;
     const vectors = queues + 1;
-    const page = new DoorbellPage(mode);
+    const page = new DoorbellPage(mode, 2 * (queues + 1));
     // Region callbacks run after construction; they reach the instance through this holder.
     const self: { c: NvmeController | null } = { c: null };
     try {
@@ -262,6 +263,10 @@ export class NvmeController extends PciDevice implements AdminContext, IoContext
       throw err;
     }
     self.c = this;
+    if (mode === 'ioeventfd') {
+      this.setIoEventfds(0, page.ioeventfds);
+      page.onRing = () => this.doorbellRang();
+    }
     this.doorbellPage = page;
     this.doorbellMode = mode;
     this.backend = options.backend;
@@ -651,6 +656,8 @@ export class NvmeController extends PciDevice implements AdminContext, IoContext
     this.acq[0] = this.acq[1] = 0;
     this.intms = 0;
     await this.controllerReset(`device reset: ${reason}`);
+    // A departed client's copies of the doorbell eventfd and memory must reach nothing.
+    if (reason === 'lost-connection' && this.doorbellMode === 'ioeventfd') this.setIoEventfds(0, this.doorbellPage.renew());
     this.csts = 0;
   }
 
@@ -968,6 +975,28 @@ export class NvmeController extends PciDevice implements AdminContext, IoContext
     if (!ok) this.badDoorbell(AerErrorInfo.INVALID_DB_VALUE, index, value);
   }
 
+  /**
+   * An ioeventfd doorbell rang: the client stored the new values into the page (their shadow
+   * memory) before signalling. Running: read them as the mmap'd page is read. Stopped: take them
+   * as trapped writes are taken while stopped, to act on when resumed.
+   */
+  private doorbellRang(): void {
+    if (this.running) {
+      this.poll();
+      return;
+    }
+    if (!this.paused || !this.live) return;
+    const page = this.doorbellPage;
+    for (const sq of this.activeSqs) {
+      const i = sqDoorbellIndex(sq.id);
+      if (page.read(i) !== sq.lastDoorbell) this.recordDoorbell(i, page.read(i));
+    }
+    for (const cq of this.activeCqs) {
+      const i = cqDoorbellIndex(cq.id);
+      if (page.read(i) !== cq.lastDoorbell) this.recordDoorbell(i, page.read(i));
+    }
+  }
+
   private badDoorbell(info: number, index: number, value: number): void {
     this.trace?.(`nvme: invalid doorbell ${index & 1 ? 'CQ' : 'SQ'} ${index >> 1} ${info === AerErrorInfo.INVALID_DB_REGISTER ? 'register' : `value ${value}`}`);
     this.events.raise(AerType.ERROR, info, LogId.ERROR);
@@ -977,12 +1006,15 @@ export class NvmeController extends PciDevice implements AdminContext, IoContext
   poll(): boolean {
     if (!this.running) return false;
     let changed = false;
-    if (this.doorbellMode === 'mmap') {
+    if (this.doorbellMode !== 'trap') {
       const page = this.doorbellPage;
       for (const sq of this.activeSqs) {
         const v = page.read(sqDoorbellIndex(sq.id));
         if (v === sq.lastDoorbell) continue;
         sq.lastDoorbell = v;
+        // A queue that uses its shadow doorbell takes its values from there (read below): the
+        // register may hold an older one, as in doorbellWrite. Its change is only a wake-up.
+        if (sq.shadowUsed && this.shadow !== null && sq.id !== 0) continue;
         if (sq.setTail(v)) {
           changed = true;
           this.doorbellCounts.mapped++;
@@ -992,6 +1024,7 @@ export class NvmeController extends PciDevice implements AdminContext, IoContext
         const v = page.read(cqDoorbellIndex(cq.id));
         if (v === cq.lastDoorbell) continue;
         cq.lastDoorbell = v;
+        if (cq.shadowUsed && this.shadow !== null && cq.id !== 0) continue;
         if (cq.setHead(v)) {
           changed = true;
           this.doorbellCounts.mapped++;
@@ -1039,7 +1072,7 @@ export class NvmeController extends PciDevice implements AdminContext, IoContext
   }
 
   get canSleep(): boolean {
-    return this.doorbellMode === 'trap';
+    return this.doorbellMode !== 'mmap';
   }
 
   /** Reads a CQ's shadow head; true if it moved. */

@@ -5,6 +5,10 @@
  * - {@link MappedDoorbells}: the server offered the doorbell page of BAR0 as a sparse mmap area,
  *   so a doorbell is a 32-bit store into shared memory: no message at all. The controller sees it
  *   by polling its doorbell page (as SPDK's vfio-user target does).
+ * - {@link IoEventfdDoorbells}: the server offered ioeventfds for the doorbells
+ *   (`DEVICE_GET_REGION_IO_FDS`, with shadow memory for the value): a doorbell is a store into the
+ *   shadow memory and an eventfd signal (one syscall, no message, no reply), as KVM turns a
+ *   guest's doorbell store into an eventfd signal. The controller wakes on the eventfd.
  * - {@link MessageDoorbells}: a `REGION_WRITE` to BAR0. The client posts it (no reply awaited)
  *   when the device maps nothing; otherwise it is still sent without waiting here: the connection
  *   keeps commands in order, and a failure is reported through `onError`.
@@ -12,12 +16,16 @@
  * @packageDocumentation
  */
 import type { VfioUserClient } from '../../client/client';
+import type { RegionIoFds } from '../../client/iofds';
 import type { MappedRegion } from '../../client/regions';
+
+/** How doorbells reach the device. */
+export type DoorbellKind = 'mmap' | 'ioeventfd' | 'message';
 
 /** Writes the doorbell registers of one controller. */
 export interface DoorbellWriter {
   /** How doorbells reach the device. */
-  readonly kind: 'mmap' | 'message';
+  readonly kind: DoorbellKind;
   /** Writes `value` to the 32-bit doorbell at `offset` in BAR0. Never throws. */
   write(offset: number, value: number): void;
   /**
@@ -131,6 +139,73 @@ export class MappedDoorbells implements DoorbellWriter {
   }
 }
 
+/**
+ * Doorbells through the ioeventfds the server offered for BAR0 ({@link VfioUserClient.useIoEventfds}):
+ * the sub-region of each doorbell is looked up once; a doorbell without one (or with a datamatch,
+ * which depends on the value) goes to `fallback`, and so does every write once the set is closed
+ * (a reconnect).
+ */
+export class IoEventfdDoorbells implements DoorbellWriter {
+  readonly kind = 'ioeventfd';
+  readonly #set: RegionIoFds;
+  readonly #first: number;
+  /** Sub-region index per doorbell dword from `first`; -1 = none (fallback). */
+  readonly #index: Int32Array;
+  readonly #fallback: DoorbellWriter;
+  readonly #scratch = Buffer.alloc(4);
+  #closed = false;
+
+  private constructor(set: RegionIoFds, first: number, index: Int32Array, fallback: DoorbellWriter) {
+    this.#set = set;
+    this.#first = first;
+    this.#index = index;
+    this.#fallback = fallback;
+  }
+
+  /**
+   * A writer over the ioeventfds of `set` for the 32-bit doorbells from BAR0 offset `first` (the
+   * admin SQ tail doorbell) on, `count` of them; null unless the admin queue's two have one.
+   */
+  static from(set: RegionIoFds, first: number, count: number, fallback: DoorbellWriter): IoEventfdDoorbells | null {
+    const index = new Int32Array(count).fill(-1);
+    const probe = Buffer.alloc(4);
+    for (let d = 0; d < count; d++) {
+      const i = set.match(BigInt(first + 4 * d), probe);
+      // A datamatch entry stands for one value only: such doorbells go the slow way (tryWrite).
+      if (i >= 0 && (set.subRegions[i]!.flags & 0x1) === 0) index[d] = i;
+    }
+    if (index[0]! < 0 || index[1]! < 0) return null;
+    return new IoEventfdDoorbells(set, first, index, fallback);
+  }
+
+  /** Doorbells that have an ioeventfd of their own. */
+  get covered(): number {
+    return this.#index.reduce((n, i) => n + (i >= 0 ? 1 : 0), 0);
+  }
+
+  write(offset: number, value: number): void {
+    if (this.#closed) return;
+    const d = (offset - this.#first) >>> 2;
+    const i = offset >= this.#first && d < this.#index.length ? this.#index[d]! : -1;
+    if (i >= 0) {
+      this.#scratch.writeUInt32LE(value >>> 0, 0);
+      if (this.#set.writeAt(i, this.#scratch)) return;
+    }
+    this.#fallback.write(offset, value);
+  }
+
+  ring(offset: number, value: number): void {
+    this.write(offset, value);
+  }
+
+  /** Stops writing; the ioeventfds belong to the client (closed with it). */
+  close(): void {
+    if (this.#closed) return;
+    this.#closed = true;
+    this.#fallback.close();
+  }
+}
+
 /** Doorbell Buffer Config's event check (NVMe 1.3, 5.8; Linux `nvme_dbbuf_need_event`). */
 export function needEvent(eventIdx: number, newIdx: number, oldIdx: number): boolean {
   return ((newIdx - eventIdx - 1) & 0xffff) < ((newIdx - oldIdx) & 0xffff);
@@ -143,7 +218,7 @@ export function needEvent(eventIdx: number, newIdx: number, oldIdx: number): boo
  * queue (and any doorbell outside the pages) always uses `fallback`.
  */
 export class ShadowDoorbells implements DoorbellWriter {
-  readonly kind: 'mmap' | 'message';
+  readonly kind: DoorbellKind;
   readonly #dbs: Int32Array;
   readonly #eis: Int32Array;
   readonly #first: number;

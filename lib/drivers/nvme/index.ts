@@ -58,7 +58,7 @@ export {
   type ControllerCapabilities,
   type ControllerVersion,
 } from './registers';
-export { MappedDoorbells, MessageDoorbells, ShadowDoorbells, needEvent, type DoorbellWriter } from './doorbells';
+export { IoEventfdDoorbells, MappedDoorbells, MessageDoorbells, ShadowDoorbells, needEvent, type DoorbellKind, type DoorbellWriter } from './doorbells';
 export {
   runPerf,
   latencySummary,

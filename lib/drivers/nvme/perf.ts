@@ -228,8 +228,8 @@ export interface PerfSummary extends PerfFigures {
   nsid: number;
   rwmixread: number;
   completions: CompletionMode;
-  /** How doorbells reached the controller: the mmap'd page, shadow doorbells, or messages. */
-  doorbells: 'mmap' | 'shadow' | 'message';
+  /** How doorbells reached the controller: the mmap'd page, ioeventfds, shadow doorbells, or messages. */
+  doorbells: 'mmap' | 'ioeventfd' | 'shadow' | 'message';
   /** Seconds from the first submission to the last completion. */
   elapsedSec: number;
   /** Commands that completed with an error status, timed out or were aborted. */
