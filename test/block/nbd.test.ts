@@ -115,6 +115,22 @@ describe('negotiation', () => {
     await expect(NbdBackend.open('nbd://127.0.0.1:1/x')).rejects.toMatchObject({ code: 'ECONNREFUSED' });
   });
 
+  it('a server that floods the handshake is dropped (EPROTO), not buffered', async () => {
+    const s = await fake();
+    const flood = net.createServer((c) => {
+      const g = Buffer.alloc(18);
+      g.writeBigUInt64BE(P.NBDMAGIC, 0);
+      g.writeBigUInt64BE(P.IHAVEOPT, 8);
+      g.writeUInt16BE(1, 16);
+      c.on('error', () => {});
+      c.write(Buffer.concat([g, Buffer.alloc(4 << 20, 0x42)]));
+    });
+    const p = `${s.dir}/flood.sock`;
+    await new Promise<void>((r) => flood.listen(p, r));
+    await expect(NbdBackend.open(`nbd+unix:///?socket=${p}`)).rejects.toMatchObject({ code: 'EPROTO' });
+    flood.close();
+  });
+
   it('a server that says nothing times out the handshake', async () => {
     const s = await fake();
     const silent = net.createServer(() => {});

@@ -415,6 +415,8 @@ export class NbdConnection {
       } else if (this.#phase === 'handshake') {
         this.#hsChunks.push(Buffer.from(buf.subarray(0, n)));
         this.#hsBytes += n;
+        // Nothing in the handshake is this long: a server flooding it is not one to wait for.
+        if (this.#hsBytes > MAX_OPTION_REPLY + SCRATCH_SIZE) throw new NbdProtocolError(`the NBD server sent ${this.#hsBytes} bytes of handshake unasked`);
         const w = this.#hsWaiter;
         if (w !== null && this.#hsBytes >= w.n) {
           this.#hsWaiter = null;
