@@ -869,7 +869,9 @@ export abstract class VirtioPciDevice<E extends VirtqElement = VirtqElement> ext
     (this.regions as (typeof region | null)[])[PciRegion.CONFIG] = {
       ...region,
       read: (offset, dst) => {
-        if (offset < dataAt + 4 && dataAt < offset + dst.length) this.refreshPciCfgData(dataAt);
+        // Only for an access the region will serve: a refused one must change nothing.
+        const served = Number.isSafeInteger(offset) && offset >= 0 && offset + dst.length <= region.size;
+        if (served && offset < dataAt + 4 && dataAt < offset + dst.length) this.refreshPciCfgData(dataAt);
         return read(offset, dst);
       },
     };
