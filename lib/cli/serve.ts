@@ -36,8 +36,10 @@ nvme options:
   --block-size B       logical block size, 512 or 4096 (default 512)
   --serial S           serial number (default: random)
   --model M            model number
-  --doorbells MODE     trap (default: every doorbell write is a message) or mmap (the doorbell
-                       page is shared memory the controller polls adaptively)
+  --doorbells MODE     trap (default: every doorbell write is a message), mmap (the doorbell
+                       page is shared memory the controller polls adaptively) or ioeventfd (one
+                       eventfd signal per doorbell, the value in shared shadow memory; clients
+                       that do not use them send messages)
   --trace FILE         append controller events (state changes, admin commands, errors) to FILE
 
 virtio-blk options:
@@ -250,7 +252,7 @@ async function nvmeFromOptions(values: Record<string, string | boolean | undefin
   let blockSize = intOption(values, 'block-size', 512, 4096);
   if (blockSize !== undefined && blockSize !== 512 && blockSize !== 4096) throw new Error('--block-size must be 512 or 4096');
   const doorbells = values.doorbells ?? 'trap';
-  if (doorbells !== 'trap' && doorbells !== 'mmap') throw new Error(`--doorbells must be trap or mmap, got '${String(doorbells)}'`);
+  if (doorbells !== 'trap' && doorbells !== 'mmap' && doorbells !== 'ioeventfd') throw new Error(`--doorbells must be trap, mmap or ioeventfd, got '${String(doorbells)}'`);
   const queues = intOption(values, 'queues', 1, 64);
   const traceFile = values.trace === undefined ? null : String(values.trace);
   const traceFd = traceFile === null ? null : provisional.openTrace(traceFile);
