@@ -373,8 +373,6 @@ export class VfioUserServer extends EventEmitter implements ServerCore {
       this.irqs.clear();
       this.dma.transport = null;
       try {
-        // A migration session ends with its client: the device runs again (migration.ts).
-        await this.migration?.abortSession();
         // The device stops its I/O first, so the unmaps below need not wait on it. A connection
         // that never negotiated (e.g. a liveness probe) cannot have changed anything. With
         // keepState the device is suspended instead of reset: the next client continues it.
@@ -382,6 +380,9 @@ export class VfioUserServer extends EventEmitter implements ServerCore {
           if (!this.keepState) await this.resetDevice('lost-connection');
           else await this.device.suspend?.();
         }
+        // Then a migration session ends with its client (migration.ts): a device it had stopped
+        // runs again, reset or suspended already, so it never runs on the departed client's memory.
+        await this.migration?.abortSession();
       } catch (err) {
         // Without a listener, emit('error') would throw and skip the rest of the cleanup.
         if (this.listenerCount('error') > 0) this.emit('error', err);

@@ -68,10 +68,14 @@ export class Workload {
     return this.rng % n;
   }
 
-  /** Starts `depth` workers (each with its own 4 KiB slot of `buffers`). */
-  start(depth: number, writeShare = 0.5): void {
+  /**
+   * Starts `depth` workers (each with its own 4 KiB slot of `buffers`); with `opsPerSecond`, paced
+   * to about that many operations per second in all.
+   */
+  start(depth: number, writeShare = 0.5, opsPerSecond = 0): void {
     this.running = true;
-    for (let w = 0; w < depth; w++) this.workers.push(this.worker(w, writeShare));
+    const pause = opsPerSecond > 0 ? (depth * 1000) / opsPerSecond : 0;
+    for (let w = 0; w < depth; w++) this.workers.push(this.worker(w, writeShare, pause));
   }
 
   async stop(): Promise<void> {
@@ -80,7 +84,7 @@ export class Workload {
     this.workers = [];
   }
 
-  private async worker(slot: number, writeShare: number): Promise<void> {
+  private async worker(slot: number, writeShare: number, pauseMs: number): Promise<void> {
     const buf = this.buffers.bytes.subarray(slot * BLOCK, (slot + 1) * BLOCK);
     const ref = { iova: this.buffers.iovaOf(slot * BLOCK), length: BLOCK };
     while (this.running) {
@@ -111,6 +115,7 @@ export class Workload {
       } finally {
         this.busy[block] = 0;
       }
+      if (pauseMs > 0) await new Promise((r) => setTimeout(r, pauseMs));
     }
   }
 
