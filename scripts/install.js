@@ -36,6 +36,9 @@ const lines = [
   '  npm compiled it with node-gyp, and that failed (its messages are above).',
   '  A source build needs Linux, Node.js >= 20, Python 3, make and a C++ compiler (g++ or clang++).',
   missing.length > 0 ? `  Missing here: ${missing.join(', ')}.` : '  All of them were found: the cause is in the messages above.',
+  ...(process.env.npm_config_nodedir
+    ? []
+    : ["  node-gyp also needs Node's headers: it downloads them unless `npm config set nodedir DIR` names", '  installed ones (DIR/include/node: /usr when /usr/include/node exists).']),
   '  On Debian or Ubuntu: apt-get install python3 make g++',
   '  A package made by `npm pack` (as the registry one will be) carries a prebuilt linux-x64 addon',
   '  and installs without any of them.',
