@@ -60,6 +60,9 @@ Options:
                          (default 10000; 0: no limit)
   --message-timeout MS   disconnect a client that begins a message and does not finish it within
                          MS ms (default 5000; 0: no limit)
+  --keep-state           keep the device's state when its client goes away (a restarting VMM
+                         reconnects and carries on) instead of resetting it; the device waits,
+                         suspended, until the next client maps its memory again and uses it
   --json                 machine-readable output: JSON lines (ready, events, answers)
   -h, --help             show this help
 
@@ -76,6 +79,7 @@ export const serveCommand: CliCommand = {
     mode: { type: 'string' },
     'version-timeout': { type: 'string' },
     'message-timeout': { type: 'string' },
+    'keep-state': { type: 'boolean' },
     json: { type: 'boolean' },
     size: { type: 'string' },
     file: { type: 'string' },
@@ -102,7 +106,7 @@ export const serveCommand: CliCommand = {
       console.error(`vfio-user serve: --mode must be an octal file mode, got '${String(values.mode)}'`);
       return 2;
     }
-    const options: ServerOptions = { mode };
+    const options: ServerOptions = { mode, keepState: values['keep-state'] === true };
     try {
       const versionTimeoutMs = intOption(values, 'version-timeout', 0, 0x7fffffff);
       const messageTimeoutMs = intOption(values, 'message-timeout', 0, 0x7fffffff);
@@ -187,6 +191,7 @@ async function serveGpio(socket: string, options: ServerOptions, json: boolean):
 
   server.on('connect', () => say({ event: 'connect' }, 'client connected'));
   server.on('disconnect', (err: Error | null) => say({ event: 'disconnect', error: err?.message ?? null }, `client disconnected${err ? `: ${err.message}` : ''}`));
+  server.on('migration-refused', (err: Error) => say({ event: 'migration-refused', reason: err.message }, `migration stream refused: ${err.message}`));
   device.events.on('outputs', (value) => say({ event: 'outputs', value }, `outputs 0x${value.toString(16).padStart(4, '0')}`));
   device.events.on('irq', (enabled) => say({ event: 'irq', enabled }, `interrupt ${enabled ? 'enabled' : 'disabled'}`));
 
@@ -294,6 +299,7 @@ async function serveNvme(socket: string, options: ServerOptions, json: boolean, 
   nbd?.on('reconnect', () => say({ event: 'nbd-reconnect' }, 'NBD server back: I/O resumes'));
   server.on('connect', () => say({ event: 'connect' }, 'client connected'));
   server.on('disconnect', (err: Error | null) => say({ event: 'disconnect', error: err?.message ?? null }, `client disconnected${err ? `: ${err.message}` : ''}`));
+  server.on('migration-refused', (err: Error) => say({ event: 'migration-refused', reason: err.message }, `migration stream refused: ${err.message}`));
   return new Promise<number>((resolve) => {
     const stop = () => {
       // close() drains in-flight I/O, then the controller flushes and closes its backend.
@@ -347,6 +353,7 @@ async function serveVirtioBlk(socket: string, options: ServerOptions, json: bool
   const size = disk.capacity * 512;
   server.on('connect', () => say({ event: 'connect' }, 'client connected'));
   server.on('disconnect', (err: Error | null) => say({ event: 'disconnect', error: err?.message ?? null }, `client disconnected${err ? `: ${err.message}` : ''}`));
+  server.on('migration-refused', (err: Error) => say({ event: 'migration-refused', reason: err.message }, `migration stream refused: ${err.message}`));
   return new Promise<number>((resolve) => {
     const stop = () => {
       // close() drains in-flight requests, then the device flushes and closes its backend.
