@@ -29,6 +29,7 @@ import { DmaSpace } from './dma';
 import { IrqTable } from './irq';
 import { Migration } from './migration';
 import { Quiescer } from './quiesce';
+import { listeningSocket } from './listen-fd';
 import { Session, type ServerCore } from './session';
 
 const debug = debuglog('vfio-user:server');
@@ -99,6 +100,8 @@ export class VfioUserServer extends EventEmitter implements ServerCore {
   /** Asks the device to quiesce around DMA_MAP/UNMAP, resets and migration changes (quiesce.ts). */
   readonly quiescer: Quiescer;
   private listenFd: Fd | null;
+  /** The socket file is ours to remove on close (not for an inherited socket). */
+  private ownsPath = true;
   private readonly poller: InstanceType<typeof binding.Poller>;
   private session: Session | null = null;
   /** Settles when the last client's state has been dropped. */
@@ -172,10 +175,7 @@ export class VfioUserServer extends EventEmitter implements ServerCore {
   static async listen(path: string, device: VfioUserDevice, options: ServerOptions = {}): Promise<VfioUserServer> {
     const mode = options.mode ?? 0o600;
     if (!Number.isInteger(mode) || mode < 0 || mode > 0o777) throw new RangeError(`mode must be a file mode from 0 to 0o777, got ${String(mode)}`);
-    for (const key of ['versionTimeoutMs', 'messageTimeoutMs'] as const) {
-      const ms = options[key];
-      if (ms !== undefined && !(Number.isInteger(ms) && ms >= 0 && ms <= 0x7fffffff)) throw new RangeError(`${key} must be an integer number of ms >= 0, got ${String(ms)}`);
-    }
+    checkTimeouts(options);
     removeStaleSocket(path);
     // The socket file is born with `mode` less the umask (never wider than `mode`); the chmod then
     // sets exactly `mode`, adding back what the umask took.
@@ -187,6 +187,26 @@ export class VfioUserServer extends EventEmitter implements ServerCore {
       throw err;
     }
     return new VfioUserServer(path, device, fd, options);
+  }
+
+  /**
+   * Serve `device` on a listening UNIX stream socket that already exists (socket activation: an fd
+   * inherited from systemd or a supervisor). The server owns the fd from now on (close() closes
+   * it) but never removes the socket file, which is not its own; `path` is where the socket is
+   * bound ('' if it has no path). The `mode` option does not apply.
+   *
+   * @throws EBADF, ENOTSOCK or EINVAL (with `code`) for an fd that is not a listening UNIX stream
+   * socket; nothing is taken then.
+   */
+  static fromFd(fd: number | Fd, device: VfioUserDevice, options: ServerOptions = {}): VfioUserServer {
+    checkTimeouts(options);
+    const raw = typeof fd === 'number' ? fd : fd.value;
+    const { path } = listeningSocket(raw);
+    const owned = typeof fd === 'number' ? new Fd(fd) : fd;
+    // The Poller switches the fd to O_NONBLOCK before the first accept.
+    const server = new VfioUserServer(path ?? '', device, owned, options);
+    server.ownsPath = false;
+    return server;
   }
 
   /** True while a client is connected. */
@@ -243,7 +263,7 @@ export class VfioUserServer extends EventEmitter implements ServerCore {
       this.listenFd?.close();
       this.listenFd = null;
       try {
-        fs.unlinkSync(this.path);
+        if (this.ownsPath) fs.unlinkSync(this.path);
       } catch {
         // already gone
       }
@@ -410,6 +430,13 @@ function settlesWithin(p: Promise<unknown>, ms: number): Promise<boolean> {
     };
     p.then(done, done);
   });
+}
+
+function checkTimeouts(options: ServerOptions): void {
+  for (const key of ['versionTimeoutMs', 'messageTimeoutMs'] as const) {
+    const ms = options[key];
+    if (ms !== undefined && !(Number.isInteger(ms) && ms >= 0 && ms <= 0x7fffffff)) throw new RangeError(`${key} must be an integer number of ms >= 0, got ${String(ms)}`);
+  }
 }
 
 /** Remove a socket file nobody listens on; refuse to touch a live socket or a non-socket. */
