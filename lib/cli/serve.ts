@@ -9,11 +9,14 @@ import { NvmeController } from '../devices/nvme/controller';
 import { VirtioBlkDevice } from '../devices/virtio-blk/device';
 import { NbdBackend, RamBackend, type BlockBackend } from '../block';
 import { VfioUserServer, type ServerOptions } from '../server/server';
+import type { VfioUserDevice } from '../server/device';
 import type { CliCommand } from './command';
+import { inheritedSocket, type Inherited } from './activation';
 import { listenErrorMessage, socketPathProblem } from './messages';
 import { checkBlockMultiple, Provisional } from './provisional';
 
 const USAGE = `Usage: vfio-user serve <device> SOCKET [options]
+       vfio-user serve <device> [SOCKET] --fd N [options]
 
 Serve an emulated PCI device on the UNIX socket SOCKET for a vfio-user client such as
 QEMU's vfio-user-pci. Ctrl-C or SIGTERM shuts down cleanly and removes the socket.
@@ -56,6 +59,9 @@ virtio-blk options:
 
 Options:
   --mode MODE            socket file mode, octal (default 0600)
+  --fd N                 serve the listening UNIX socket inherited as fd N (socket activation);
+                         without --fd, a socket systemd passes (LISTEN_PID, LISTEN_FDS: fd 3) is
+                         served. SOCKET may then be left out; the socket file is not removed
   --version-timeout MS   disconnect a client that sends no VERSION within MS ms of being served
                          (default 10000; 0: no limit)
   --message-timeout MS   disconnect a client that begins a message and does not finish it within
@@ -77,6 +83,7 @@ export const serveCommand: CliCommand = {
   usage: USAGE,
   options: {
     mode: { type: 'string' },
+    fd: { type: 'string' },
     'version-timeout': { type: 'string' },
     'message-timeout': { type: 'string' },
     'keep-state': { type: 'boolean' },
@@ -95,7 +102,14 @@ export const serveCommand: CliCommand = {
     'nbd-connections': { type: 'string' },
   },
   async run(positionals, values) {
-    const [device, socket] = positionals;
+    const [device, given] = positionals;
+    try {
+      inherited = inheritedSocket(values.fd === undefined ? undefined : String(values.fd), given);
+    } catch (err) {
+      console.error(`vfio-user serve: ${(err as Error).message}\n\n${USAGE}`);
+      return 2;
+    }
+    const socket = given ?? inherited?.path;
     if (device === undefined || socket === undefined || positionals.length > 2) {
       const why = device === undefined ? 'a device and a SOCKET are required' : socket === undefined ? 'SOCKET is required' : `unexpected argument '${positionals[2]!}'`;
       console.error(`vfio-user serve: ${why}\n\n${USAGE}`);
@@ -126,7 +140,7 @@ export const serveCommand: CliCommand = {
         return 2;
       }
       // Before anything is made: a socket that cannot be bound is known now.
-      const problem = socketPathProblem(path.resolve(socket));
+      const problem = inherited !== null ? null : socketPathProblem(path.resolve(socket));
       if (problem !== null) {
         console.error(`vfio-user serve ${device}: ${path.resolve(socket)}: ${problem}`);
         return 1;
@@ -177,6 +191,15 @@ const DEVICE_OPTIONS: Record<string, readonly string[]> = {
   'virtio-blk': ['size', 'file', 'queues', 'block-size', 'serial', 'trace', 'notify', 'read-only'],
 };
 
+/** The listening socket inherited (--fd, systemd), served instead of binding SOCKET; or null. */
+let inherited: Inherited | null = null;
+
+/** Listen on `socket`, or serve the inherited socket. */
+async function listenOn(socket: string, device: VfioUserDevice, options: ServerOptions): Promise<VfioUserServer> {
+  if (inherited !== null) return VfioUserServer.fromFd(inherited.fd, device, options);
+  return VfioUserServer.listen(socket, device, options);
+}
+
 /** The files made for the server (--file, --trace), removed again if it does not start. */
 const provisional = new Provisional();
 
@@ -186,7 +209,7 @@ function qemuOption(socket: string): string {
 
 async function serveGpio(socket: string, options: ServerOptions, json: boolean): Promise<number> {
   const device = new Idio16Device();
-  const server = await VfioUserServer.listen(socket, device, options);
+  const server = await listenOn(socket, device, options);
   const say = (obj: Record<string, unknown>, text: string) => console.log(json ? JSON.stringify(obj) : text);
 
   server.on('connect', () => say({ event: 'connect' }, 'client connected'));
@@ -290,7 +313,7 @@ async function nvmeFromOptions(values: Record<string, string | boolean | undefin
 }
 
 async function serveNvme(socket: string, options: ServerOptions, json: boolean, controller: NvmeController, values: Record<string, unknown>): Promise<number> {
-  const server = await VfioUserServer.listen(socket, controller, options);
+  const server = await listenOn(socket, controller, options);
   const say = (obj: Record<string, unknown>, text: string) => console.log(json ? JSON.stringify(obj) : text);
   const nbd = controller.backend instanceof NbdBackend ? controller.backend : null;
   const backing = `${nbd !== null ? `nbd ${nbd.uri}` : values.file !== undefined ? `file ${String(values.file)}` : 'RAM'}${controller.backend.readOnly ? ', read-only' : ''}`;
@@ -347,7 +370,7 @@ function virtioBlkFromOptions(values: Record<string, string | boolean | undefine
 }
 
 async function serveVirtioBlk(socket: string, options: ServerOptions, json: boolean, disk: VirtioBlkDevice, values: Record<string, unknown>): Promise<number> {
-  const server = await VfioUserServer.listen(socket, disk, options);
+  const server = await listenOn(socket, disk, options);
   const say = (obj: Record<string, unknown>, text: string) => console.log(json ? JSON.stringify(obj) : text);
   const backing = `${values.file !== undefined ? `file ${String(values.file)}` : 'RAM'}${disk.readOnly ? ', read-only' : ''}`;
   const size = disk.capacity * 512;
