@@ -5,6 +5,7 @@
 // and read back what was written (checked against a shadow disk), and nothing stays in flight.
 import * as fc from 'fast-check';
 import { describe, expect, it } from 'vitest';
+import type { RamBackend } from '../../../lib/block';
 import { PciRegion } from '../../../lib/protocol/constants';
 import { BlkReqType, DeviceStatus } from '../../../lib/virtio/spec';
 import { BlkRig, IOERR, OK, UNSUPP, tick, type Placed } from './rig';
@@ -94,6 +95,8 @@ describe('virtio-blk property', () => {
           for (const a of actions) {
             if (a.kind === 'reset') {
               await r.init();
+              // What landed while the model was not tracking (a corrupted ring, random registers) is the truth now.
+              (r.device.backend as RamBackend).view(0, DISK).copy(shadow);
               clean = true;
               continue;
             }
