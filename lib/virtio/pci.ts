@@ -186,6 +186,8 @@ export abstract class VirtioPciDevice<E extends VirtqElement = VirtqElement> ext
     if ((options.features & ~DEVICE_FEATURE_MASK) !== 0n) throw new RangeError('Expected device feature bits in 0..23 only');
     const mode = options.notify ?? 'trap';
     if (mode !== 'trap' && mode !== 'mmap') throw new RangeError(`Expected notify 'trap' or 'mmap', got ${String(mode)}`);
+    const spinUs = options.spinUs ?? 0;
+    if (!Number.isFinite(spinUs) || spinUs < 0) throw new RangeError(`Expected spinUs >= 0, got ${spinUs}`);
     const L = VirtioPciLayout;
     const vectors = queues + 1;
     // Region and capability callbacks run after construction; they reach the instance through this.
@@ -250,8 +252,6 @@ export abstract class VirtioPciDevice<E extends VirtqElement = VirtqElement> ext
     for (let i = 0; i < queues; i++) this.queues.push(new SplitVirtqueue<E>(i, queueSize, (q) => this.createElement(q)));
     this.irqQueued = new Uint8Array(queues);
     this.drainQueued = new Uint8Array(queues);
-    const spinUs = options.spinUs ?? 0;
-    if (!Number.isFinite(spinUs) || spinUs < 0) throw new RangeError(`Expected spinUs >= 0, got ${spinUs}`);
     this.hybrid = mode === 'trap' && spinUs > 0;
     this.poller = new RingPoller(this, this.hybrid ? { ...DEFAULT_POLL_POLICY, spinUs } : { ...DEFAULT_POLL_POLICY, ...options.poll });
     this.wrapConfigRead();
