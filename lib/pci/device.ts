@@ -286,6 +286,7 @@ export class PciDevice implements VfioUserDevice {
         applyDevice();
       },
       bulkData: () => self.migrationBulkData(),
+      savingChanged: (saving) => self.onSavingChanged(saving),
     };
     this.migration = stateStreamHooks(adapter);
   }
@@ -312,6 +313,12 @@ export class PciDevice implements VfioUserDevice {
   protected loadDeviceState(_state: unknown): () => void {
     return () => undefined;
   }
+
+  /**
+   * A migration's saving session began (true: the transition waits for the promise, the device
+   * still running) or ended (false). Default: nothing to do.
+   */
+  protected onSavingChanged(_saving: boolean): void | Promise<void> {}
 
   /** Data the model migrates in bulk, iteratively (a RAM disk), or null. */
   protected migrationBulkData(): BulkData | null {

@@ -29,6 +29,8 @@ export interface MigrationSaver {
    * saver once returned.
    */
   read(max: number, stopped: boolean): Uint8Array;
+  /** Called when the session begins (the transition waits for it), before any read. */
+  started?(): void | Promise<void>;
   /** Called once the device is stopped for STOP_COPY, before the first read of that phase. */
   stopped?(): void | Promise<void>;
   /** The session ended (complete or cancelled). */
@@ -247,9 +249,13 @@ export class Migration {
       await this.hooks.setRunning(true);
       this.stopped = false;
     }
-    if (to === PRE_COPY) this.startSaving();
+    if (to === PRE_COPY) {
+      this.startSaving();
+      await this.saver?.started?.();
+    }
     if (from === STOP && to === STOP_COPY) {
       this.startSaving();
+      await this.saver?.started?.();
       await this.saver?.stopped?.();
     }
     if (from === STOP_COPY || (from === PRE_COPY && to === RUNNING)) this.endSaving();

@@ -88,6 +88,11 @@ export interface StatefulDevice {
   loadState(state: unknown): void | Promise<void>;
   /** Bulk data to move iteratively, or null. */
   bulkData?(): BulkData | null;
+  /**
+   * A saving session began (true; the transition waits for the promise, while the device still
+   * runs: e.g. write back caches ahead of the stop) or ended (false).
+   */
+  savingChanged?(saving: boolean): void | Promise<void>;
 }
 
 function record(type: number, payload: Uint8Array): Buffer[] {
@@ -186,6 +191,10 @@ class StateSaver implements MigrationSaver {
     }
   }
 
+  async started(): Promise<void> {
+    await this.device.savingChanged?.(true);
+  }
+
   read(max: number, stopped: boolean): Uint8Array {
     if (stopped && !this.finalising) this.finalise();
     if (!stopped && this.roundOver && this.queued === 0) {
@@ -207,6 +216,7 @@ class StateSaver implements MigrationSaver {
     this.bulk?.stopTracking();
     this.queue.length = 0;
     this.queued = 0;
+    void this.device.savingChanged?.(false);
   }
 
   /** Stopped: the rest of the round plus what was dirtied since (produced as read), then the state and END. */
