@@ -291,8 +291,15 @@ async function nvmeFromOptions(values: Record<string, string | boolean | undefin
     if (values.file !== undefined || size !== undefined) throw new Error('--nbd takes neither --file nor --size (the size is the export\'s)');
     const nbd = await NbdBackend.open(String(values.nbd), { readOnly, ...(nbdConnections !== undefined ? { connections: nbdConnections } : {}) });
     if (nbd.minBlock > (blockSize ?? 512)) {
-      if (blockSize !== undefined || nbd.minBlock > 4096) throw new Error(`the NBD export's minimum block size is ${nbd.minBlock}`);
+      if (blockSize !== undefined || nbd.minBlock > 4096) {
+        await nbd.close();
+        throw new Error(`the NBD export's minimum block size is ${nbd.minBlock}`);
+      }
       blockSize = 4096;
+    }
+    if (nbd.size % (blockSize ?? 512) !== 0) {
+      await nbd.close();
+      throw new Error(`the NBD export's size, ${nbd.size} bytes, is not a multiple of the block size`);
     }
     backend = nbd;
   } else if (values.file !== undefined) {
@@ -313,7 +320,10 @@ async function nvmeFromOptions(values: Record<string, string | boolean | undefin
 }
 
 async function serveNvme(socket: string, options: ServerOptions, json: boolean, controller: NvmeController, values: Record<string, unknown>): Promise<number> {
-  const server = await listenOn(socket, controller, options);
+  const server = await listenOn(socket, controller, options).catch(async (err: unknown) => {
+    await controller.backend.close().catch(() => {}); // an NBD backend's sockets would keep the process alive
+    throw err;
+  });
   const say = (obj: Record<string, unknown>, text: string) => console.log(json ? JSON.stringify(obj) : text);
   const nbd = controller.backend instanceof NbdBackend ? controller.backend : null;
   const backing = `${nbd !== null ? `nbd ${nbd.uri}` : values.file !== undefined ? `file ${String(values.file)}` : 'RAM'}${controller.backend.readOnly ? ', read-only' : ''}`;

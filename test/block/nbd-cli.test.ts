@@ -87,7 +87,7 @@ describe.skipIf(missing !== null)('vfio-user serve nvme --nbd', () => {
     expect(back2.equals(data2)).toBe(true);
   });
 
-  it('--read-only write-protects an NBD, a RAM and a file namespace: writes fail, reads work', async () => {
+  it('--read-only write-protects an NBD, a RAM and a file namespace: writes fail, reads work', { timeout: 60_000 }, async () => {
     const mem = nbdkit('memory', ['size=16M'], { socket: path.join(dir, 'mem.sock') });
     servers.push(mem);
     await mem.start();
@@ -105,7 +105,7 @@ describe.skipIf(missing !== null)('vfio-user serve nvme --nbd', () => {
     expect(fs.readFileSync(file).every((x) => x === 0x5a)).toBe(true);
   });
 
-  it('refuses --nbd with --size or --file, bad URIs and unreachable servers (exit 2, with the reason)', async () => {
+  it('refuses --nbd with --size or --file, bad URIs and unreachable servers (exit 2, with the reason)', { timeout: 60_000 }, async () => {
     const socket = path.join(dir, 'bad.sock');
     for (const [args, message] of [
       [['--nbd', 'nbd://127.0.0.1/x', '--size', '1G'], /neither --file nor --size/],
@@ -117,5 +117,12 @@ describe.skipIf(missing !== null)('vfio-user serve nvme --nbd', () => {
       expect(r.code, args.join(' ')).toBe(2);
       expect(r.stderr).toMatch(message);
     }
+    // A socket another server holds: the NBD connections are closed again and the command ends.
+    const mem = nbdkit('memory', ['size=1M'], { socket: path.join(dir, 'busy-mem.sock') });
+    servers.push(mem);
+    await mem.start();
+    const { socket: busy } = await serveNvme(['--size', '1M']);
+    const r = await runCli(['serve', 'nvme', busy, '--nbd', mem.uri], { timeoutMs: 15_000 });
+    expect(r.code, r.stderr).toBe(1);
   });
 });

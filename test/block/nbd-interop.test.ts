@@ -98,7 +98,7 @@ describe.skipIf(missing !== null)('qemu-nbd', () => {
     await expect(r.write(0, back, false)).rejects.toMatchObject({ code: 'EROFS' });
   });
 
-  it('killed (SIGKILL) and restarted three times under verified FUA writes and reads: no error, nothing acknowledged is lost', async () => {
+  it('killed (SIGKILL) and restarted three times under verified FUA writes and reads: no error, nothing acknowledged is lost', { timeout: 60_000 }, async () => {
     const image = path.join(dir, 'c.qcow2');
     createQcow2(image, '32M');
     const s = await serve(qemuNbd(image, { socket: path.join(dir, 'c.sock') }));
