@@ -63,3 +63,20 @@ export function checkRange(size: number, offset: number, length: number): void {
     throw new RangeError(`backend range ${offset}+${length} is outside 0..${size}`);
   }
 }
+
+/** Zeroes written per call by {@link zeroRange} (one shared buffer that is never written). */
+const ZERO_CHUNK = 1 << 20;
+let zeroes: Buffer | null = null;
+
+/**
+ * Stores zeroes over `[offset, offset + length)`: the backend's own `writeZeroes` when it has
+ * one, else plain writes of a shared zero buffer (`fua` on the last of them).
+ */
+export async function zeroRange(backend: BlockBackend, offset: number, length: number, fua: boolean): Promise<void> {
+  if (backend.writeZeroes) return backend.writeZeroes(offset, length, fua);
+  zeroes ??= Buffer.alloc(ZERO_CHUNK);
+  for (let done = 0; done < length; done += ZERO_CHUNK) {
+    const n = Math.min(ZERO_CHUNK, length - done);
+    await backend.write(offset + done, zeroes.subarray(0, n), fua && done + n >= length);
+  }
+}

@@ -1,5 +1,5 @@
 /** Block backends shared by every storage device: where a disk's blocks live. */
-export { type BlockBackend } from './backend';
+export { type BlockBackend, zeroRange } from './backend';
 export { RamBackend, type RamBackendOptions } from './ram';
 export { FileBackend, type FileBackendOptions } from './file';
 export { NbdBackend, NbdConnection, NbdError, NbdProtocolError, NbdReplyError, NbdFlags, parseNbdUri, formatNbdTarget, nbdProtocol } from './nbd';

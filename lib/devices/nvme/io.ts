@@ -13,7 +13,7 @@
  * @packageDocumentation
  */
 import { DmaError, type DmaSpace } from '../../server/dma';
-import type { BlockBackend } from '../../block/backend';
+import { zeroRange, type BlockBackend } from '../../block/backend';
 import { IoOpcode, NSID_ALL, Status } from './constants';
 import { copyFromGuest, copyFromGuestSync, mapPrp } from './prp';
 import type { HandlerResult, Request } from './request';
@@ -165,7 +165,7 @@ function writeZeroes(ctx: IoContext, req: Request): HandlerResult {
   const length = blocks * 2 ** ctx.blockShift;
   const fua = (req.cdw12 & Rw.FUA) !== 0 || !ctx.writeCacheEnabled;
   const backend = ctx.backend;
-  return settle(ctx, req, () => (backend.writeZeroes ? backend.writeZeroes(offset, length, fua) : zeroByWrites(backend, offset, length, fua)), true);
+  return settle(ctx, req, () => zeroRange(backend, offset, length, fua), true);
 }
 
 /** Scratch for Dataset Management range lists (256 ranges of 16 bytes), parsed before any await. */
@@ -320,15 +320,4 @@ async function bounceWrite(ctx: IoContext, req: Request, offset: number, bytes: 
     done += n;
   }
   await ctx.backend.write(offset, tmp, fua);
-}
-
-const ZERO_CHUNK = 1 << 20;
-let zeroes: Buffer | null = null;
-
-async function zeroByWrites(backend: BlockBackend, offset: number, length: number, fua: boolean): Promise<void> {
-  zeroes ??= Buffer.alloc(ZERO_CHUNK);
-  for (let done = 0; done < length; done += ZERO_CHUNK) {
-    const n = Math.min(ZERO_CHUNK, length - done);
-    await backend.write(offset + done, zeroes.subarray(0, n), fua && done + n >= length);
-  }
 }

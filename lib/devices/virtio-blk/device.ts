@@ -22,7 +22,7 @@
  * @packageDocumentation
  */
 import { randomBytes } from 'node:crypto';
-import { RESOLVED, type BlockBackend } from '../../block/backend';
+import { RESOLVED, zeroRange, type BlockBackend } from '../../block/backend';
 import { ClassCode } from '../../pci/ids';
 import { DmaError } from '../../server/dma';
 import { ElementData } from '../../virtio/data';
@@ -385,8 +385,7 @@ export class VirtioBlkDevice extends VirtioPciDevice<BlkRequest> {
       const unmap = (ranges[i + 2]! & BlkDwzFlags.UNMAP) !== 0;
       if (discard) await backend.discard(offset, length);
       else if (unmap && backend.discardZeroes === true) await backend.discard(offset, length);
-      else if (backend.writeZeroes) await backend.writeZeroes(offset, length, this.writeThrough);
-      else await zeroByWrites(backend, offset, length, this.writeThrough);
+      else await zeroRange(backend, offset, length, this.writeThrough);
     }
   }
 
@@ -429,16 +428,5 @@ async function sequential(backend: BlockBackend, offset: number, bufs: readonly 
     if (write) await backend.write(at, b, fua);
     else await backend.read(at, b);
     at += b.length;
-  }
-}
-
-const ZERO_CHUNK = 1 << 20;
-let zeroes: Buffer | null = null;
-
-async function zeroByWrites(backend: BlockBackend, offset: number, length: number, fua: boolean): Promise<void> {
-  zeroes ??= Buffer.alloc(ZERO_CHUNK);
-  for (let done = 0; done < length; done += ZERO_CHUNK) {
-    const n = Math.min(ZERO_CHUNK, length - done);
-    await backend.write(offset + done, zeroes.subarray(0, n), fua && done + n >= length);
   }
 }
