@@ -53,8 +53,9 @@ virtio-blk options:
   --block-size B       logical block size, 512, 1024, 2048 or 4096 (default 512)
   --read-only          a read-only disk (VIRTIO_BLK_F_RO)
   --serial S           device ID (GET_ID), up to 20 characters (default: random)
-  --notify MODE        trap (default: every queue notify is a message) or mmap (the notify page is
-                       shared memory the device polls adaptively)
+  --notify MODE        trap (default: every queue notify is a message), mmap (the notify page is
+                       shared memory the device polls adaptively) or ioeventfd (an eventfd per
+                       queue for clients that use them; others still send messages)
   --trace FILE         append device events (status changes, resets, errors) to FILE
 
 Options:
@@ -362,7 +363,7 @@ function virtioBlkFromOptions(values: Record<string, string | boolean | undefine
   const blockSize = intOption(values, 'block-size', 512, 4096);
   const queues = intOption(values, 'queues', 1, 64);
   const notify = values.notify ?? 'trap';
-  if (notify !== 'trap' && notify !== 'mmap') throw new Error(`--notify must be trap or mmap, got '${String(notify)}'`);
+  if (notify !== 'trap' && notify !== 'mmap' && notify !== 'ioeventfd') throw new Error(`--notify must be trap, mmap or ioeventfd, got '${String(notify)}'`);
   const readOnly = values['read-only'] === true;
   if (size !== undefined) checkBlockMultiple(`--size ${size}`, size, blockSize ?? 512);
   const traceFd = values.trace === undefined ? null : provisional.openTrace(String(values.trace));

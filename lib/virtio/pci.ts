@@ -20,7 +20,12 @@
  *   a (posted) REGION_WRITE and processes that queue at once. `'mmap'` — BAR4 is backed by a memfd
  *   and its notify page is offered as a sparse-mmap area, so notifies cost the guest a plain store
  *   and no message; the device polls the available rings adaptively (poller.ts). Trapped writes to
- *   the page still work in both modes. `'trap'` with `spinUs`: after activity the device polls the
+ *   the page still work in both modes. `'ioeventfd'` — each queue's notify address is also offered
+ *   as an ioeventfd (DEVICE_GET_REGION_IO_FDS, one eventfd per queue, any write width): a client
+ *   that uses them signals the eventfd instead of sending a message, and the device, watching
+ *   them, processes that queue; clients that do not (QEMU 11.1) keep sending REGION_WRITEs. The
+ *   eventfds are replaced when a client goes away, so copies it kept reach nothing.
+ *   `'trap'` (or `'ioeventfd'`) with `spinUs`: after activity the device polls the
  *   rings for that long with notifications suppressed (EVENT_IDX `avail_event` out of reach, or
  *   NO_NOTIFY), then re-enables them, re-checks and sleeps, as NVMe shadow doorbells do: a busy
  *   guest then sends fewer notifies, at the price of a core spinning while it is busy.
@@ -33,6 +38,7 @@
  *
  * @packageDocumentation
  */
+import { EventFd } from '../native/eventfd';
 import type { Fd } from '../native/fd';
 import { createMemfd } from '../native/memfd';
 import { PciDevice } from '../pci/device';
@@ -60,7 +66,9 @@ import {
 import { SplitVirtqueue, type VirtqElement } from './virtqueue';
 
 /** How driver notifications reach the device; see the module documentation. */
-export type NotifyMode = 'trap' | 'mmap';
+export type NotifyMode = 'trap' | 'mmap' | 'ioeventfd';
+
+const NOTIFY_MODES: readonly NotifyMode[] = ['trap', 'mmap', 'ioeventfd'];
 
 /** Where the transport puts things. */
 export const VirtioPciLayout = {
@@ -124,6 +132,8 @@ export interface VirtioPciOptions {
 export interface VirtioCounters {
   /** Notifies that came as REGION_WRITEs. */
   notifies: number;
+  /** Wake-ups by a queue's ioeventfd (`'ioeventfd'` mode). */
+  ioeventfds: number;
   /** Polls (mmap mode) that found work. */
   polledWork: number;
   /** Interrupts sent (MSI-X vectors or INTx assertions). */
@@ -138,7 +148,7 @@ export abstract class VirtioPciDevice<E extends VirtqElement = VirtqElement> ext
   readonly poller: RingPoller;
   /** Trapped notifications, suppressed while the poller spins (`spinUs` > 0). */
   private readonly hybrid: boolean;
-  readonly counters: VirtioCounters = { notifies: 0, polledWork: 0, interrupts: 0, suppressed: 0 };
+  readonly counters: VirtioCounters = { notifies: 0, ioeventfds: 0, polledWork: 0, interrupts: 0, suppressed: 0 };
   /** Feature bits offered: the device's and the transport's. */
   readonly offeredFeatures: bigint;
   protected readonly trace: ((line: string) => void) | undefined;
@@ -172,6 +182,9 @@ export abstract class VirtioPciDevice<E extends VirtqElement = VirtqElement> ext
   private readonly drainQueued: Uint8Array;
   private drainScheduled = false;
   private readonly drainLater = () => this.drainDeferred();
+  /** `'ioeventfd'`: one watched eventfd per queue, and their listeners (made once). */
+  private notifyFds: EventFd[] = [];
+  private readonly notifyListeners: ((count: number) => void)[] = [];
 
   constructor(options: VirtioPciOptions) {
     const queues = options.queues;
@@ -185,7 +198,7 @@ export abstract class VirtioPciDevice<E extends VirtqElement = VirtqElement> ext
     }
     if ((options.features & ~DEVICE_FEATURE_MASK) !== 0n) throw new RangeError('Expected device feature bits in 0..23 only');
     const mode = options.notify ?? 'trap';
-    if (mode !== 'trap' && mode !== 'mmap') throw new RangeError(`Expected notify 'trap' or 'mmap', got ${String(mode)}`);
+    if (!NOTIFY_MODES.includes(mode)) throw new RangeError(`Expected notify 'trap', 'mmap' or 'ioeventfd', got ${String(mode)}`);
     const spinUs = options.spinUs ?? 0;
     if (!Number.isFinite(spinUs) || spinUs < 0) throw new RangeError(`Expected spinUs >= 0, got ${spinUs}`);
     const L = VirtioPciLayout;
@@ -252,9 +265,35 @@ export abstract class VirtioPciDevice<E extends VirtqElement = VirtqElement> ext
     for (let i = 0; i < queues; i++) this.queues.push(new SplitVirtqueue<E>(i, queueSize, (q) => this.createElement(q)));
     this.irqQueued = new Uint8Array(queues);
     this.drainQueued = new Uint8Array(queues);
-    this.hybrid = mode === 'trap' && spinUs > 0;
+    this.hybrid = mode !== 'mmap' && spinUs > 0;
     this.poller = new RingPoller(this, this.hybrid ? { ...DEFAULT_POLL_POLICY, spinUs } : { ...DEFAULT_POLL_POLICY, ...options.poll });
     this.wrapConfigRead();
+    if (mode === 'ioeventfd') {
+      for (const q of this.queues) {
+        const index = q.index;
+        this.notifyListeners.push((count) => {
+          if (count === 0) return; // the watch failed: REGION_WRITEs still work
+          this.counters.ioeventfds++;
+          this.kick(index);
+        });
+      }
+      this.armNotifyFds();
+    }
+  }
+
+  /** New eventfds for the queues' notify addresses, watched and offered for BAR4 (old ones closed). */
+  private armNotifyFds(): void {
+    for (const e of this.notifyFds) e.close();
+    const L = VirtioPciLayout;
+    this.notifyFds = this.queues.map((q) => {
+      const e = EventFd.create();
+      e.watch(this.notifyListeners[q.index]!);
+      return e;
+    });
+    this.setIoEventfds(
+      L.BAR,
+      this.notifyFds.map((e, i) => ({ offset: L.NOTIFY + i * L.NOTIFY_OFF_MULTIPLIER, size: 0 as const, fd: e.fd })),
+    );
   }
 
   // ---- what a device model supplies ----
@@ -449,8 +488,13 @@ export abstract class VirtioPciDevice<E extends VirtqElement = VirtqElement> ext
 
   /** A notify for queue `index` (a trapped write, or the test harness). */
   notify(index: number): void {
-    const q = this.queues[index];
     this.counters.notifies++;
+    this.kick(index);
+  }
+
+  /** Queue `index` has work (a notify by message or eventfd): process it. */
+  private kick(index: number): void {
+    const q = this.queues[index];
     if (q === undefined || !q.running || !this.running) return;
     this.drain(q);
   }
@@ -568,6 +612,8 @@ export abstract class VirtioPciDevice<E extends VirtqElement = VirtqElement> ext
 
   /** DEVICE_RESET, FLR, lost connection: config space to power-on values, then a virtio reset. */
   protected override async onReset(reason: ResetReason): Promise<void> {
+    // A departed client may have kept copies of the eventfds: the next one gets new ones.
+    if (reason === 'lost-connection' && this.notifyMode === 'ioeventfd' && this.closed === null) this.armNotifyFds();
     await this.virtioReset(`device reset: ${reason}`);
   }
 
@@ -578,6 +624,7 @@ export abstract class VirtioPciDevice<E extends VirtqElement = VirtqElement> ext
       this.poller.stop();
       for (const q of this.queues) q.stop();
       await this.whenIdle(RESET_TIMEOUT_MS);
+      for (const e of this.notifyFds) e.close();
       this.notifyMemfd?.close();
       await this.onClose();
     })();
