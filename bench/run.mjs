@@ -23,6 +23,7 @@ const SUITE = {
   server: ['server.mjs', '--seconds', seconds],
   client: ['client.mjs', '--seconds', seconds],
   'nvme-perf': ['nvme-perf.mjs', '--time', seconds],
+  'nvme-doorbells': ['nvme-doorbells.mjs', '--time', seconds],
 };
 const only = opt('--only', null)?.split(',') ?? Object.keys(SUITE);
 const unknown = only.filter((name) => !(name in SUITE));

@@ -566,10 +566,7 @@ const HANDLERS: Partial<Record<number, Handler>> = {
     const map = () => s.core.dma.add({ iova: req.address, size: req.size, offset: req.offset, flags: req.flags }, fd);
     if (!s.core.quiescer.enabled) return map();
     // add() closes the fd; if the device fails to quiesce, add() never runs.
-    return s.core.quiescer.run('dma-map', map).then((r) => {
-      fd?.close();
-      return r;
-    });
+    return s.core.quiescer.run('dma-map', map).finally(() => fd?.close());
   },
 
   [Command.DMA_UNMAP]: async (s, msg) => {
