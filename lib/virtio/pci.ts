@@ -351,12 +351,18 @@ export abstract class VirtioPciDevice<E extends VirtqElement = VirtqElement> ext
     return ((word >>> (bit & 31)) & 1) === 1;
   }
 
-  /** Processing requests: DRIVER_OK and FEATURES_OK, no NEEDS_RESET or FAILED, not resetting. */
+  /**
+   * Processing requests: DRIVER_OK and FEATURES_OK, no NEEDS_RESET or FAILED, not resetting, not
+   * stopped (migration, or detached with its state kept).
+   */
   get running(): boolean {
     const s = this.status;
     return (
       (s & (DeviceStatus.DRIVER_OK | DeviceStatus.FEATURES_OK | DeviceStatus.DEVICE_NEEDS_RESET | DeviceStatus.FAILED)) ===
-        (DeviceStatus.DRIVER_OK | DeviceStatus.FEATURES_OK) && this.resetting === null && this.closed === null
+        (DeviceStatus.DRIVER_OK | DeviceStatus.FEATURES_OK) &&
+      this.resetting === null &&
+      this.closed === null &&
+      !this.stopped
     );
   }
 
@@ -608,6 +614,26 @@ export abstract class VirtioPciDevice<E extends VirtqElement = VirtqElement> ext
       this.resetting = null;
     });
     return this.resetting;
+  }
+
+  /**
+   * Stopped (the server keeps the device for the next client, or a migration stopped it): no new
+   * chains are taken; requests in the backend finish and complete (their interrupts are held by
+   * PciDevice until it runs again). Resolves once they have.
+   */
+  protected override async onStop(_reason: number): Promise<void> {
+    this.poller.stop();
+    this.trace?.(`virtio: stopped, ${this.inFlight} request(s) in flight`);
+    await this.whenIdle(RESET_TIMEOUT_MS);
+    if (this.irqFlushQueued) this.flushIrqs();
+  }
+
+  /** Runs again: take what the driver made available meanwhile. */
+  protected override onRun(): void {
+    if (!this.running) return;
+    this.trace?.('virtio: running');
+    for (const q of this.queues) if (q.running && q.pending() !== 0) this.drain(q);
+    this.poller.wake();
   }
 
   /** DEVICE_RESET, FLR, lost connection: config space to power-on values, then a virtio reset. */

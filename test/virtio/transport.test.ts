@@ -5,6 +5,7 @@
 import { afterEach, describe, expect, it } from 'vitest';
 import { PciIrq, PciRegion } from '../../lib/protocol/constants';
 import { Cfg, CapId } from '../../lib/pci/ids';
+import { StopReason } from '../../lib/pci/device';
 import { VirtioPciLayout } from '../../lib/virtio/pci';
 import {
   CommonCfg,
@@ -476,6 +477,46 @@ describe('trap mode with polling (spinUs)', () => {
     expect(q.usedFlags & UsedFlags.NO_NOTIFY).toBe(UsedFlags.NO_NOTIFY);
     await r.waitFor(() => r.device.poller.phase === 'sleep', 'poller asleep', 5000);
     expect(q.usedFlags & UsedFlags.NO_NOTIFY).toBe(0);
+  });
+});
+
+describe('stopped (migration, or detached with its state kept) and running again', () => {
+  it('finishes what is in flight, takes nothing new while stopped, then carries on', async () => {
+    const r = rig();
+    await r.init();
+    const q = r.queues[0]!;
+    r.device.hold = true;
+    q.add(bufs(r, pattern(8, 1)).chain);
+    q.kick();
+    await tick();
+    let stopped = false;
+    const suspended = r.device.pause(StopReason.MIGRATION).then(() => (stopped = true));
+    await tick();
+    expect(stopped).toBe(false); // waits for the request in flight
+    r.device.hold = false;
+    r.device.release();
+    await suspended;
+    expect(q.reap().length).toBe(1);
+    expect(r.drainIrq(PciIrq.MSIX, 1)).toBe(0); // held while stopped
+    q.add(bufs(r, pattern(8, 2)).chain);
+    q.kick();
+    await tick();
+    expect(q.reap()).toEqual([]);
+    r.device.resume(StopReason.MIGRATION);
+    expect((await r.waitUsed(q)).length).toBe(1);
+    await tick();
+    expect(r.drainIrq(PciIrq.MSIX, 1)).toBeGreaterThan(0);
+  });
+
+  it('detached (keepState): a BAR access by the next client carries on', async () => {
+    const r = rig();
+    await r.init();
+    await r.device.suspend();
+    const q = r.queues[0]!;
+    q.add(bufs(r, pattern(8, 3)).chain);
+    q.kick();
+    expect((await r.waitUsed(q)).length).toBe(1);
+    expect(r.device.stopped).toBe(false);
   });
 });
 
