@@ -3,12 +3,12 @@
  * server (ranges on the wire, pages the device wrote), and reconnect() re-granting every DMA range
  * (memfd and caller fd alike) at the same address and every eventfd.
  */
-import * as fs from 'node:fs';
 import { describe, expect, it } from 'vitest';
 import { DirtyBitmap, VfioUserClient } from '../../lib/client';
 import { createMemfd } from '../../lib/native/memfd';
 import { DmaMapFlags, MigState, PciIrq } from '../../lib/protocol/constants';
 import type { MigrationHooks } from '../../lib/server/migration';
+import type { ServerOptions } from '../../lib/server/server';
 import { useFdLeakCheck } from '../helpers/fds';
 import { startServer, TestDevice } from '../helpers/server';
 import { defer, useCleanup } from './fixtures';
@@ -20,10 +20,10 @@ class Migratable extends TestDevice {
   readonly migration: MigrationHooks = { setRunning: () => undefined, save: () => Buffer.from('state'), load: () => undefined };
 }
 
-async function served(device = new Migratable(), options = {}) {
+async function served<D extends TestDevice>(device: D, options: ServerOptions = {}) {
   const s = await startServer(device, options);
   defer(() => s.stop());
-  return s;
+  return s as typeof s & { device: D };
 }
 
 describe('DirtyBitmap', () => {
@@ -47,7 +47,7 @@ describe('DirtyBitmap', () => {
 
 describe('client migration calls against our server', () => {
   it('probe, state, logging with ranges, decoded reports', async () => {
-    const s = await served();
+    const s = await served(new Migratable());
     const client = await VfioUserClient.connect(s.socketPath);
     defer(() => client.close());
     expect(await client.migrationSupport()).toEqual({ flags: 1n, stopCopy: true, preCopy: false });
@@ -124,6 +124,5 @@ describe('reconnect()', () => {
     await expect(client.reconnect({ path: s2.socketPath })).rejects.toThrow(/IRQ indexes/);
     expect(client.disconnected).toBe(true);
     expect(client.closed).toBe(false);
-    void fs;
   });
 });

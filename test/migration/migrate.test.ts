@@ -419,7 +419,7 @@ describe('interop: a libvfio-user-like v2 device (opaque stream)', () => {
     expect(src.migrationChunkSize).toBe(65536);
     const mem = await src.allocateDma(4 * 4096);
     const pages: number[] = [];
-    const result = await migrate(src, dst, { preCopy: false, onDirty: (m, bitmap) => pages.push(...[...bitmap.ranges()].map((r) => (r.iova - m.iova) / 4096)) });
+    const result = await migrate(src, dst, { preCopy: false, onDirty: (m, bitmap) => void pages.push(...[...bitmap.ranges()].map((r) => (r.iova - m.iova) / 4096)) });
     expect(result.stopCopyBytes).toBe(0x3008);
     expect(result.bytes).toBe(0x3008);
     // The destination got exactly the bytes (its own check: it accepts RUNNING only then).
