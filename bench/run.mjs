@@ -24,6 +24,7 @@ const SUITE = {
   client: ['client.mjs', '--seconds', seconds],
   'nvme-perf': ['nvme-perf.mjs', '--time', seconds],
   'nvme-doorbells': ['nvme-doorbells.mjs', '--time', seconds],
+  migrate: ['migrate.mjs', '--runs', '3'],
 };
 const only = opt('--only', null)?.split(',') ?? Object.keys(SUITE);
 const unknown = only.filter((name) => !(name in SUITE));
