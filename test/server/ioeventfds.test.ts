@@ -17,6 +17,7 @@ import { Connection } from '../../lib/transport/connection';
 import { binding } from '../../lib/native/binding';
 import { checkIoEventfd, type IoEventfd } from '../../lib/server/ioeventfd';
 import { VfioUserClient } from '../../lib/client/client';
+import { PciDevice } from '../../lib/pci/device';
 import { TestDevice } from '../helpers/server';
 import { useFdLeakCheck } from '../helpers/fds';
 import { defer, eventually, serve, setup, u32s, useTeardown } from './support';
@@ -179,5 +180,27 @@ describe('DEVICE_GET_REGION_IO_FDS: offered', () => {
     // Writes it does not stand for still go as messages.
     await client.writeUint(0, 0x44, 4, 5, { posted: false });
     expect(device.calls.filter((c) => c.startsWith('bar0 write'))).toEqual(['bar0 write 68 4']);
+  });
+});
+
+describe('PciDevice.setIoEventfds', () => {
+  class Card extends PciDevice {
+    constructor() {
+      super({ vendorId: 0x1b36, deviceId: 0x0005, classCode: 0xff0000, bars: { 0: { size: 4096, read: () => {}, write: () => {} } } });
+    }
+  }
+
+  it('checks every entry against the BAR, replaces the list, and the server reports it', async () => {
+    const card = new Card();
+    const e = eventfd();
+    expect(() => card.setIoEventfds(1, [])).toThrow(/BAR 1 does not exist/);
+    expect(() => card.setIoEventfds(6, [])).toThrow(RangeError);
+    expect(() => card.setIoEventfds(0, [{ offset: 4092, size: 8, fd: e.fd }])).toThrow(/BAR 0: ioeventfd 0: .*outside/);
+    card.setIoEventfds(0, [{ offset: 0x10, size: 4, fd: e.fd }, { offset: 0x20, size: 4, fd: e.fd, datamatch: 7 }]);
+    card.setIoEventfds(0, [{ offset: 0x30, size: 2, fd: e.fd }]);
+    const { client } = await setup(card);
+    const r = await client.conn.request(Command.DEVICE_GET_REGION_IO_FDS, request(0));
+    defer(() => Fd.closeAll(r.fds));
+    expect(decodeRegionIoFdsReply(r.payload).subRegions.map((s) => [Number(s.offset), Number(s.size)])).toEqual([[0x30, 2]]);
   });
 });
