@@ -8,7 +8,7 @@
 // VERSION reply and a config-space read within 5 s, and the server process must still be there.
 //
 //   npm run build:ts && npm run soak -- [--messages 1000000] [--connections N] [--seed S]
-//                                       [--servers gpio,nvme,nvme-mmap] [--skip ATTACK,...]
+//                                       [--servers gpio,nvme,nvme-mmap,virtio-blk] [--skip ATTACK,...]
 //                                       [--deadline-ms 5000] [--json] [--quiet] [--list]
 //
 // Prints live progress (messages/s) on stderr and a JSON report on stdout: messages, connections,
@@ -78,6 +78,7 @@ const SERVERS = {
   gpio: ['gpio'],
   nvme: ['nvme', '--size', '64M'],
   'nvme-mmap': ['nvme', '--size', '64M', '--doorbells', 'mmap'],
+  'virtio-blk': ['virtio-blk', '--size', '64M', '--queues', '2'],
 };
 
 // ---- options --------------------------------------------------------------------------------------
