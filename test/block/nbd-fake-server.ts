@@ -30,6 +30,8 @@ export interface FakeOptions {
   holes?: boolean;
   /** Delay before each reply, ms (default 0). */
   delayMs?: number;
+  /** Connections served at once; more are accepted and never greeted (default: no limit). */
+  maxConnections?: number;
 }
 
 export interface FakeRequest extends P.Request {
@@ -169,6 +171,7 @@ export class FakeNbdServer {
     const server = this.#server;
     this.#server = null;
     for (const c of this.connections) c.socket.destroy();
+    for (const c of this.ignored) c.destroy();
     if (server) await new Promise((resolve) => server.close(resolve));
     fs.rmSync(this.socket, { force: true });
   }
@@ -178,7 +181,15 @@ export class FakeNbdServer {
     fs.rmSync(this.dir, { recursive: true, force: true });
   }
 
+  /** Connections accepted beyond maxConnections (held, never greeted). */
+  readonly ignored: net.Socket[] = [];
+
   #serve(socket: net.Socket): void {
+    if (this.options.maxConnections !== undefined && this.open.length >= this.options.maxConnections) {
+      socket.on('error', () => {});
+      this.ignored.push(socket);
+      return;
+    }
     const conn = new FakeConnection(this.#nextConn++, socket, this);
     this.connections.push(conn);
     socket.on('error', () => {});

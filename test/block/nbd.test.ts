@@ -159,6 +159,22 @@ describe('transmission', () => {
     expect(b1.stats.connections).toBe(1);
   });
 
+  it('a server that advertises multi-conn but serves one connection: open() does not wait long, and extras are given up on', async () => {
+    const s = await fake({ maxConnections: 1 });
+    const t0 = Date.now();
+    const b = await open(s, { connections: 4, connectTimeoutMs: 150 });
+    expect(Date.now() - t0).toBeLessThan(10_000);
+    await b.write(0, Buffer.alloc(4096, 6), false);
+    await sleep(1500); // three failed extras (150 ms each, backoff up to 50 ms), then no more attempts
+    const attempts = s.ignored.length;
+    await sleep(500);
+    expect(s.ignored.length).toBe(attempts);
+    expect(b.stats.connections).toBe(1);
+    const back = Buffer.alloc(4096);
+    await b.read(0, back);
+    expect(back[0]).toBe(6);
+  });
+
   it('reassembles out-of-order data and hole chunks into scattered buffers, large data straight into them', async () => {
     const s = await fake({ chunk: 24 * 1024, holes: true });
     const b = await open(s, { connections: 1 });

@@ -61,6 +61,10 @@ export interface NbdBackendStats {
 const KEPT_FEATURES = F.SEND_FLUSH | F.SEND_FUA | F.SEND_TRIM | F.SEND_WRITE_ZEROES | F.SEND_FAST_ZERO;
 /** Largest TRIM / WRITE_ZEROES length per command (the length field has 32 bits). */
 const MAX_EFFECT = 2 ** 30;
+/** How long open() waits for the connections after the first. */
+const EXTRA_WAIT_MS = 2000;
+/** Failed attempts at an extra connection (while others work) before the backend makes do without. */
+const MAX_EXTRA_FAILURES = 3;
 /** Zero buffer for servers without NBD_CMD_WRITE_ZEROES. */
 let zeroBuf: Buffer | null = null;
 
@@ -119,6 +123,8 @@ export class NbdBackend extends EventEmitter implements BlockBackend {
   #bytesCopied = 0;
   /** Every connection was lost (and none is back yet). */
   #down = false;
+  /** Failed attempts at extra connections since the last success or total loss. */
+  #extraFailures = 0;
   readonly #pump = (): void => this.#dispatch();
 
   private constructor(target: NbdTarget, first: NbdConnection, options: NbdBackendOptions) {
@@ -162,18 +168,20 @@ export class NbdBackend extends EventEmitter implements BlockBackend {
     });
     const backend = new NbdBackend(t, first, options);
     backend.#adopt(first);
-    const more = Array.from({ length: backend.#want - 1 }, () => NbdConnection.connect(t, backend.#connectOptions));
-    for (const r of await Promise.allSettled(more)) {
-      if (r.status === 'fulfilled') {
-        try {
-          backend.#adopt(r.value);
-        } catch (err) {
-          r.value.destroy();
-          backend.#lastError = err as Error;
-        }
-      }
+    if (backend.#want > 1) {
+      // The other connections are waited for a moment (a server that accepts and then says nothing
+      // must not hold up the open), and taken into service whenever they come.
+      const extras = Array.from({ length: backend.#want - 1 }, () =>
+        NbdConnection.connect(t, backend.#connectOptions).then(
+          (conn) => backend.#adoptExtra(conn),
+          (err: Error) => backend.#extraFailed(err),
+        ),
+      );
+      const all = Promise.all(extras).then(() => {
+        if (backend.#live.length < backend.#want) void backend.#reconnect();
+      });
+      await Promise.race([all, new Promise((resolve) => setTimeout(resolve, EXTRA_WAIT_MS).unref())]);
     }
-    if (backend.#live.length < backend.#want) void backend.#reconnect();
     return backend;
   }
 
@@ -371,6 +379,25 @@ export class NbdBackend extends EventEmitter implements BlockBackend {
 
   // ---- connections ----
 
+  /** A connection opened besides the first by open(). */
+  #adoptExtra(conn: NbdConnection): void {
+    if (this.#closing !== null || this.#live.length >= this.#want) {
+      void conn.close();
+      return;
+    }
+    try {
+      this.#adopt(conn);
+    } catch (err) {
+      conn.destroy();
+      this.#extraFailed(err as Error);
+    }
+  }
+
+  #extraFailed(err: Error): void {
+    this.#lastError = err;
+    this.#extraFailures++;
+  }
+
   /** Takes a new connection into service; throws (code ESTALE) if its export is not the one opened. */
   #adopt(conn: NbdConnection): void {
     const info = conn.info;
@@ -424,6 +451,7 @@ export class NbdBackend extends EventEmitter implements BlockBackend {
     this.#queue = again.concat(this.#queue);
     if (down) {
       this.#down = true;
+      this.#extraFailures = 0;
       this.emit('disconnect', err);
       this.#armDeadline();
     }
@@ -437,21 +465,29 @@ export class NbdBackend extends EventEmitter implements BlockBackend {
     this.#reconnecting = true;
     let delay = this.#options.backoffMs;
     try {
-      while (this.#closing === null && this.#live.length < this.#want && (this.#queue.length > 0 || this.#live.length > 0)) {
+      while (
+        this.#closing === null &&
+        this.#live.length < this.#want &&
+        (this.#queue.length > 0 || this.#live.length > 0) &&
+        // Extra connections the server keeps refusing (or never answers) are given up on.
+        (this.#live.length === 0 || this.#extraFailures < MAX_EXTRA_FAILURES)
+      ) {
         let conn: NbdConnection | null = null;
         try {
           conn = await NbdConnection.connect(this.target, this.#connectOptions);
-          if (this.#closing !== null) {
-            void conn.close();
-            return;
+          if (this.#closing !== null || this.#live.length >= this.#want) {
+            void conn.close(); // closing, or open() got its extra connections meanwhile
+            continue;
           }
           this.#adopt(conn);
           this.#reconnects++;
+          this.#extraFailures = 0;
           delay = this.#options.backoffMs;
           continue;
         } catch (err) {
           conn?.destroy();
           this.#lastError = err as Error;
+          if (this.#live.length > 0) this.#extraFailures++;
           // An export that changed under us: the waiting commands fail now, not at their deadline.
           if ((err as NbdError).code === 'ESTALE') this.#failQueue(err as Error);
         }
