@@ -340,6 +340,16 @@ describe('lying servers get a clean error and a disconnect', () => {
     });
   }
 
+  it('a read scattered in thousands of pieces (each checked against all) is refused past 1024', async () => {
+    const s = await fake();
+    const b = await open(s, { connections: 1 });
+    s.hook = (req, io) => {
+      for (let i = 0; i < req.length / 2; i++) io.dataChunk(req, req.offset + 2 * i, Buffer.alloc(1), false); // every other byte
+      return 'handled';
+    };
+    await expect(b.read(0, Buffer.alloc(8192))).rejects.toMatchObject({ code: 'EPROTO', message: /scattered/ });
+  });
+
   it('fails every command in flight on the lying connection, none of them acknowledged', async () => {
     const s = await fake();
     const b = await open(s, { connections: 1 });

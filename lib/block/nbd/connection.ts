@@ -124,6 +124,8 @@ const BIG_READ = 32 * 1024;
 const HEADER_READ = Size.STRUCTURED_REPLY + 8;
 /** Longest option reply accepted during the handshake. */
 const MAX_OPTION_REPLY = 64 * 1024;
+/** Pieces of one read reply that are neither in order nor reversed (each new chunk is checked against all). */
+const MAX_RANGES = 1024;
 /** Longest error chunk payload: error, message length, message, offset. */
 const MAX_ERROR_CHUNK = 14 + MAX_STRING;
 
@@ -778,6 +780,8 @@ function cover(op: NbdOp, at: number, n: number): void {
       if (at < r[i + 1]! && end > r[i]!) throw new NbdProtocolError(`reply chunk [${op.offset + at}, +${n}) overlaps an earlier one`);
     }
     if (r[r.length - 1] === at) r[r.length - 1] = end;
+    else if (r[r.length - 2] === end) r[r.length - 2] = at;
+    else if (r.length >= 2 * MAX_RANGES) throw new NbdProtocolError(`a read reply in more than ${MAX_RANGES} scattered pieces`);
     else r.push(at, end);
   }
   op.covered += n;
