@@ -423,6 +423,40 @@ describe('connection loss', () => {
     expect(b.stats.reconnects).toBeGreaterThanOrEqual(1);
   });
 
+  it('writes acknowledged but unflushed when every connection was lost: the next flush fails (EIO) once; FUA writes and partial losses do not count', async () => {
+    const s = await fake();
+    const b = await open(s, { connections: 2 });
+    await b.write(0, Buffer.alloc(512, 1), false);
+    await s.kill();
+    await s.listen();
+    await expect(b.flush()).rejects.toMatchObject({ code: 'EIO', message: /may be lost/ }); // in flight across the loss
+    expect(ofType(s, Cmd.FLUSH)).toHaveLength(1); // it still flushed what the server has
+    await b.flush(); // reported once
+    await b.write(0, Buffer.alloc(512, 1), false);
+    await s.kill();
+    await sleep(20); // the loss is noticed before the flush
+    await s.listen();
+    await expect(b.flush()).rejects.toMatchObject({ code: 'EIO' });
+
+    await b.write(0, Buffer.alloc(512, 2), true); // FUA: durable when acknowledged
+    await s.kill();
+    await s.listen();
+    await b.flush();
+
+    for (let i = 0; i < 200 && b.stats.connections < 2; i++) await sleep(10);
+    expect(b.stats.connections).toBe(2);
+    await b.write(0, Buffer.alloc(512, 3), false);
+    s.open[0]!.socket.destroy(); // one of two connections: the server is still there
+    await sleep(20);
+    await b.flush();
+
+    const lax = await open(s, { connections: 1, strictFlush: false });
+    await lax.write(0, Buffer.alloc(512, 4), false);
+    await s.kill();
+    await s.listen();
+    await lax.flush();
+  });
+
   it('a connection dropped in the middle of read data: the read is retried on another connection', async () => {
     const s = await fake();
     const b = await open(s, { connections: 1 });

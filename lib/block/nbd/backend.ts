@@ -31,6 +31,13 @@ export interface NbdBackendOptions {
   maxAttempts?: number;
   /** Ask for structured replies. Default true. */
   structuredReplies?: boolean;
+  /**
+   * After every connection was lost while writes the server acknowledged were not yet flushed, the
+   * next flush fails (EIO): the server may have restarted and lost them from its volatile cache.
+   * false trusts the server to have kept them (a network blip, a server without a cache).
+   * Default true.
+   */
+  strictFlush?: boolean;
 }
 
 /** Options of {@link NbdBackend.zeroes}. */
@@ -106,6 +113,12 @@ export class NbdBackend extends EventEmitter implements BlockBackend {
   readonly maxPayload: number;
 
   readonly #options: Required<Omit<NbdBackendOptions, 'readOnly' | 'connections'>>;
+  /** Writes the server acknowledged since the last flush began (not FUA). */
+  #unflushed = false;
+  /** Every connection was lost while #unflushed: the next flush reports it. */
+  #mayHaveLost = false;
+  /** Times every connection was lost (a flush in flight across one cannot vouch for what it covered). */
+  #downs = 0;
   readonly #connectOptions: NbdConnectOptions;
   /** Connections wanted. */
   readonly #want: number;
@@ -146,6 +159,7 @@ export class NbdBackend extends EventEmitter implements BlockBackend {
       maxInFlight: options.maxInFlight ?? 64,
       maxAttempts: options.maxAttempts ?? 8,
       structuredReplies: options.structuredReplies ?? true,
+      strictFlush: options.strictFlush ?? true,
     };
     this.#connectOptions = {
       structuredReplies: this.#options.structuredReplies,
@@ -220,9 +234,13 @@ export class NbdBackend extends EventEmitter implements BlockBackend {
     return this.#emulatedFua(io, fua);
   }
 
+  /**
+   * NBD_CMD_FLUSH. Fails with EIO (after flushing) if every connection was lost while
+   * acknowledged writes were unflushed: the server may have lost them (see `strictFlush`).
+   */
   flush(): Promise<void> {
     if (this.readOnly || (this.flags & F.SEND_FLUSH) === 0) return this.#closing === null ? Promise.resolve() : rejectClosed(this);
-    return this.#command(Cmd.FLUSH, 0, 0, 0, null);
+    return this.#flush(true);
   }
 
   /** NBD_CMD_TRIM where the export takes it (a hint: otherwise nothing happens). */
@@ -283,7 +301,29 @@ export class NbdBackend extends EventEmitter implements BlockBackend {
   /** FUA on a server with flush but no FUA: the command, then a flush. */
   #emulatedFua(io: Promise<void>, fua: boolean): Promise<void> {
     if (!fua || (this.flags & (F.SEND_FUA | F.SEND_FLUSH)) !== F.SEND_FLUSH) return io;
-    return io.then(() => this.#command(Cmd.FLUSH, 0, 0, 0, null));
+    return io.then(() => this.#flush(false));
+  }
+
+  /** A flush; `report`: this is the guest's flush, which answers for a possible loss. */
+  #flush(report: boolean): Promise<void> {
+    const unflushed = this.#unflushed;
+    const lost = report && this.#mayHaveLost;
+    const downs = this.#downs;
+    this.#unflushed = false;
+    if (lost) this.#mayHaveLost = false;
+    return this.#command(Cmd.FLUSH, 0, 0, 0, null).then(
+      () => {
+        // Lost before, or while this flush was in flight with writes to cover.
+        if (lost || (unflushed && this.#downs !== downs && this.#options.strictFlush)) {
+          throw new NbdError(`NBD server ${this.uri} went away while it held acknowledged writes it had not flushed: they may be lost`, 'EIO');
+        }
+      },
+      (err: unknown) => {
+        this.#unflushed ||= unflushed;
+        this.#mayHaveLost ||= lost;
+        throw err;
+      },
+    );
   }
 
   /** A rejected promise if the range is outside the export or not aligned to the minimum block size. */
@@ -337,8 +377,10 @@ export class NbdBackend extends EventEmitter implements BlockBackend {
     if (this.#closing !== null && type !== Cmd.FLUSH) return rejectClosed(this);
     return new Promise<void>((resolve, reject) => {
       const op = newOp(type, flags, offset, length, bufs, (err) => {
-        if (err === null) resolve();
-        else reject(err);
+        if (err === null) {
+          if (type !== Cmd.READ && type !== Cmd.FLUSH && (flags & CmdFlags.FUA) === 0) this.#unflushed = true;
+          resolve();
+        } else reject(err);
         if (this.#queue.length > 0) process.nextTick(this.#pump);
       });
       this.#submit(op);
@@ -452,6 +494,8 @@ export class NbdBackend extends EventEmitter implements BlockBackend {
     if (down) {
       this.#down = true;
       this.#extraFailures = 0;
+      this.#downs++;
+      if (this.#unflushed && this.#options.strictFlush) this.#mayHaveLost = true;
       this.emit('disconnect', err);
       this.#armDeadline();
     }
