@@ -90,7 +90,9 @@ let zeroBuf: Buffer | null = null;
  *   backend reconnects with backoff; they are sent again once a connection is back and fail (code
  *   ETIMEDOUT) if none comes back within `reconnectTimeoutMs`. A write is acknowledged only
  *   after the server acknowledged it. I/O resumes whenever the server is back: a command that
- *   arrives after a failure starts a new round of attempts.
+ *   arrives after a failure starts a new round of attempts. A flush after every connection was
+ *   lost with acknowledged writes unflushed fails with EIO (`strictFlush`): a restarted server may
+ *   have lost them from its cache, and a flush must not vouch for them.
  * - **Lying servers**: a protocol violation (see {@link NbdConnection}) drops that connection and
  *   fails the commands in flight on it with code EPROTO; an export that comes back smaller, or
  *   without a feature the backend relies on, is refused (code ESTALE) and the waiting commands
