@@ -100,6 +100,12 @@ export function assertIoEventfds(list: readonly IoEventfd[], regionSize: number,
   }
 }
 
+/**
+ * Lists already checked in full: a client asking again and again costs a closed-fd test per
+ * entry, not a readlink and an fstat (lists are replaced, never changed in place).
+ */
+const checked = new WeakMap<readonly IoEventfd[], number>();
+
 /** A reply to DEVICE_GET_REGION_IO_FDS: the body and the fds it refers to, or an errno. */
 export type RegionIoFdsResult = number | Buffer | { body: Buffer; fds: readonly number[] };
 
@@ -117,10 +123,19 @@ export function regionIoFdsReply(
   if (req.flags !== 0 || req.count !== 0) return Errno.EINVAL;
   if (region == null || region.size === 0) return Errno.EINVAL;
   const list = region.ioeventfds ?? [];
-  for (let i = 0; i < list.length; i++) {
-    const why = checkIoEventfd(list[i]!, region.size, region.flags, list.slice(0, i));
-    if (why !== null) {
-      onBadDevice(`region ${req.index}: ioeventfd ${i}: ${why}`);
+  if (checked.get(list) !== region.size) {
+    for (let i = 0; i < list.length; i++) {
+      const why = checkIoEventfd(list[i]!, region.size, region.flags, list.slice(0, i));
+      if (why !== null) {
+        onBadDevice(`region ${req.index}: ioeventfd ${i}: ${why}`);
+        return Errno.EINVAL;
+      }
+    }
+    checked.set(list, region.size);
+  } else {
+    const closed = list.findIndex((e) => e.fd.closed || e.shadow?.fd.closed === true);
+    if (closed >= 0) {
+      onBadDevice(`region ${req.index}: ioeventfd ${closed}: its fd is closed`);
       return Errno.EINVAL;
     }
   }

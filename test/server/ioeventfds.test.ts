@@ -93,6 +93,20 @@ describe('DEVICE_GET_REGION_IO_FDS: refused', () => {
     expect(await client.msg(Command.DEVICE_GET_REGION_IO_FDS, request(0))).toBe(Errno.EINVAL);
     expect(String(errors[0])).toMatch(/region 0: ioeventfd 0: .*outside/);
   });
+
+  it('notices an eventfd the device closed after a first, good answer', async () => {
+    const device = new TestDevice();
+    const e = EventFd.create();
+    device.regions[0]!.ioeventfds = [{ offset: 0, size: 4, fd: e.fd }];
+    const { client, server } = await setup(device);
+    const errors: unknown[] = [];
+    server.on('error', (err) => errors.push(err));
+    const first = await client.conn.request(Command.DEVICE_GET_REGION_IO_FDS, request(0));
+    Fd.closeAll(first.fds);
+    e.close();
+    expect(await client.msg(Command.DEVICE_GET_REGION_IO_FDS, request(0))).toBe(Errno.EINVAL);
+    expect(String(errors[0])).toMatch(/ioeventfd 0: its fd is closed/);
+  });
 });
 
 describe('DEVICE_GET_REGION_IO_FDS: offered', () => {
