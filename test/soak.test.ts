@@ -1,5 +1,5 @@
 // The standing soak (bench/soak.mjs), short: about 50,000 mutated and random messages against
-// `vfio-user serve gpio`, `serve nvme --size 64M` and `serve nvme --size 64M --doorbells mmap`,
+// `vfio-user serve gpio`, `serve nvme --size 64M`, `serve nvme --size 64M --doorbells mmap` and `serve virtio-blk`,
 // each a child process started through the CLI from dist/ (npm test builds it first). A fresh
 // client must be answered after every connection; no server may exit, and each must end with the
 // fds it had before the first hostile client. The full run is `npm run soak` (README: Soak).
@@ -73,7 +73,7 @@ it(`${MESSAGES} hostile messages: no server crashes or hangs, fds back to baseli
   expect(r.crashDetails, `crashes, ${context}`).toEqual([]);
   expect(r.hangDetails, `hangs, ${context}`).toEqual([]);
   expect(r.messages).toBeGreaterThanOrEqual(MESSAGES);
-  expect(r.servers.map((s) => s.name)).toEqual(['gpio', 'nvme', 'nvme-mmap']);
+  expect(r.servers.map((s) => s.name)).toEqual(['gpio', 'nvme', 'nvme-mmap', 'virtio-blk']);
   for (const s of r.servers) {
     expect(s.connections, s.name).toBeGreaterThan(10);
     expect(s.restarts, s.name).toBe(0);
