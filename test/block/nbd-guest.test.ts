@@ -36,9 +36,11 @@ function script(): string {
     'echo "RESULT devices=$QNBD,$NBDKIT,$QSD"',
     // (a)(b)(c): verifying random writes on each export.
     ...DEVICES.map((d) => fio(d.name, `verify_${d.name.toLowerCase()}`, '--rw=randwrite --bs=4k --iodepth=16 --size=16M')),
-    // qemu-nbd killed and restarted while this job writes and verifies (the host watches for the marker).
+    // qemu-nbd killed (SIGKILL) and restarted while this job writes and verifies (the host watches
+    // for the marker). The writes are O_SYNC, so each is durable when it completes (FUA from the
+    // guest down to NBD_CMD_FLAG_FUA): a crash may lose what a server caches, never those.
     'echo NBD-KILL-WINDOW',
-    fio('QNBD', 'restart', '--rw=randwrite --bs=16k --iodepth=8 --size=96M --verify_backlog=256'),
+    fio('QNBD', 'restart', '--rw=randwrite --bs=16k --iodepth=8 --size=96M --sync=1 --verify_backlog=256'),
     'echo "RESULT io_errors=$(dmesg | grep -c -i "i/o error")"',
   ].join('\n');
 }
