@@ -107,9 +107,13 @@ export class NbdServerProcess {
 }
 
 /** qemu-nbd serving `image` (format `format`) as export `name` on a UNIX socket or 127.0.0.1:port. */
-export function qemuNbd(image: string, where: { socket: string } | { port: number }, options: { format?: string; name?: string; readOnly?: boolean; extra?: string[] } = {}): NbdServerProcess {
+export function qemuNbd(
+  image: string,
+  where: { socket: string } | { port: number },
+  options: { format?: string; name?: string; readOnly?: boolean; cache?: 'writeback' | 'writethrough' | 'none'; extra?: string[] } = {},
+): NbdServerProcess {
   const name = options.name ?? 'disk';
-  const args = ['-f', options.format ?? 'qcow2', '-x', name, '-t', '--shared=16', '--cache=writeback', '--aio=threads'];
+  const args = ['-f', options.format ?? 'qcow2', '-x', name, '-t', '--shared=16', `--cache=${options.cache ?? 'writeback'}`, '--aio=threads'];
   if (options.readOnly) args.push('-r');
   const uri = 'socket' in where ? `nbd+unix:///${name}?socket=${where.socket}` : `nbd://127.0.0.1:${where.port}/${name}`;
   if ('socket' in where) args.push('-k', where.socket);
