@@ -570,3 +570,56 @@ describe('NbdConnection', () => {
     expect(() => c.submit({} as never)).toThrow(/not open/);
   });
 });
+
+describe('a server sending corrupted replies', () => {
+  it('300 replies with random header damage, truncation or trailing garbage: every read settles, the process lives on, the backend recovers', { timeout: 60_000 }, async () => {
+    const s = await fake();
+    const b = await open(s, { connections: 1, requestTimeoutMs: 300, reconnectTimeoutMs: 5000 });
+    s.disk.fill(0x77, 0, 65536);
+    let seed = 12345;
+    const rand = (n: number) => {
+      seed = (seed * 1103515245 + 12345) >>> 0;
+      return seed % n;
+    };
+    let damage = true;
+    s.hook = (req, io) => {
+      if (req.type !== Cmd.READ || !damage) return;
+      const p = Buffer.alloc(8 + req.length, 0x77);
+      p.writeBigUInt64BE(BigInt(req.offset), 0);
+      const reply = P.encodeChunk(ChunkFlags.DONE, Chunk.OFFSET_DATA, req.handle, p);
+      switch (rand(3)) {
+        case 0:
+          reply[rand(28)] ^= 1 << rand(8); // a flipped bit in the header or the offset
+          io.send(reply);
+          break;
+        case 1:
+          io.send(reply.subarray(0, rand(reply.length))); // cut short, then the connection dies
+          setTimeout(() => io.socket.destroy(), 5);
+          break;
+        default:
+          io.send(Buffer.concat([reply, Buffer.alloc(1 + rand(64), rand(256))])); // garbage after it
+      }
+      return 'handled';
+    };
+    const outcomes = { ok: 0, failed: 0 };
+    for (let i = 0; i < 300; i++) {
+      const dst = Buffer.alloc(4096);
+      await b.read(rand(16) * 4096, dst).then(
+        () => outcomes.ok++,
+        (err: NodeJS.ErrnoException) => {
+          expect(['EPROTO', 'ETIMEDOUT', 'ECONNRESET', 'EIO', 'EINVAL', 'ENOSPC']).toContain(err.code);
+          outcomes.failed++;
+        },
+      );
+    }
+    expect(outcomes.ok + outcomes.failed).toBe(300);
+    expect(outcomes.failed).toBeGreaterThan(50);
+    damage = false;
+    // Garbage left after the last damaged reply may still be waiting for the bytes that show it
+    // is not a header: that read fails (EPROTO) and drops the connection; the next one is clean.
+    const dst = Buffer.alloc(4096);
+    await b.read(0, dst).catch((err: NodeJS.ErrnoException) => expect(err.code).toBe('EPROTO'));
+    await b.read(0, dst);
+    expect(dst.every((x) => x === 0x77)).toBe(true);
+  });
+});
