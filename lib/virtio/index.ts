@@ -8,5 +8,5 @@ export * from './spec';
 export { GuestMemory, RingView } from './memory';
 export { SplitVirtqueue, VirtqElement, readU64, u64, type ElementFactory } from './virtqueue';
 export { ElementData } from './data';
-export { DEFAULT_POLL_POLICY, RingPoller, type PollPhase, type PollPolicy, type PollTarget } from './poller';
+export { AdaptivePoller, DEFAULT_POLL_POLICY, type PollPhase, type PollPolicy, type PollTarget } from '../pci/poller';
 export { MAX_VIRTQUEUES, VirtioPciDevice, VirtioPciLayout, type NotifyMode, type VirtioCounters, type VirtioPciOptions } from './pci';

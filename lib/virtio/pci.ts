@@ -46,7 +46,7 @@ import { VendorCapability } from '../pci/capabilities/vendor';
 import type { CapabilityWrite } from '../pci/capabilities/common';
 import { Errno, PciRegion } from '../protocol/constants';
 import type { AccessResult, DeviceContext, ResetReason } from '../server/device';
-import { DEFAULT_POLL_POLICY, RingPoller, type PollPolicy, type PollTarget } from './poller';
+import { AdaptivePoller, DEFAULT_POLL_POLICY, type PollPolicy, type PollTarget } from '../pci/poller';
 import {
   CommonCfg,
   DeviceStatus,
@@ -145,7 +145,7 @@ export interface VirtioCounters {
 export abstract class VirtioPciDevice<E extends VirtqElement = VirtqElement> extends PciDevice implements PollTarget {
   readonly queues: SplitVirtqueue<E>[];
   readonly notifyMode: NotifyMode;
-  readonly poller: RingPoller;
+  readonly poller: AdaptivePoller;
   /** Trapped notifications, suppressed while the poller spins (`spinUs` > 0). */
   private readonly hybrid: boolean;
   readonly counters: VirtioCounters = { notifies: 0, ioeventfds: 0, polledWork: 0, interrupts: 0, suppressed: 0 };
@@ -266,7 +266,7 @@ export abstract class VirtioPciDevice<E extends VirtqElement = VirtqElement> ext
     this.irqQueued = new Uint8Array(queues);
     this.drainQueued = new Uint8Array(queues);
     this.hybrid = mode !== 'mmap' && spinUs > 0;
-    this.poller = new RingPoller(this, this.hybrid ? { ...DEFAULT_POLL_POLICY, spinUs } : { ...DEFAULT_POLL_POLICY, ...options.poll });
+    this.poller = new AdaptivePoller(this, this.hybrid ? { ...DEFAULT_POLL_POLICY, spinUs } : { ...DEFAULT_POLL_POLICY, ...options.poll });
     this.wrapConfigRead();
     if (mode === 'ioeventfd') {
       for (const q of this.queues) {

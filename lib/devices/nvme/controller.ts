@@ -39,7 +39,8 @@ import { RamBackend } from '../../block/ram';
 import type { BulkData } from '../../server/state-stream';
 import { MigrationRefusedError, fromBase64, toBase64 } from '../../server/state-stream';
 import { AdminOpcode, AerErrorInfo, AerType, CriticalWarning, IoOpcode, LogId, Status, statusCode } from './constants';
-import { DEFAULT_POLL_POLICY, DOORBELL_MODES, DoorbellPage, DoorbellPoller, type DoorbellMode, type PollPolicy, type PollTarget } from './doorbells';
+import { DOORBELL_MODES, DoorbellPage, type DoorbellMode } from './doorbells';
+import { AdaptivePoller, DEFAULT_POLL_POLICY, type PollPolicy, type PollTarget } from '../../pci/poller';
 import { DSM_AD, DSM_RANGE_SIZE, ioCommand, type IoContext, type IoStats } from './io';
 import { copyFromGuestSync } from './prp';
 import { NVME_STATE_VERSION, RamNamespaceData, checkNvmeState, type CqState, type NvmeState, type SqState } from './state';
@@ -143,7 +144,7 @@ export class NvmeController extends PciDevice implements AdminContext, IoContext
   /** @internal SMART counters. */
   readonly stats: Stats = { units512Read: 0, units512Written: 0, hostReads: 0, hostWrites: 0, mediaErrors: 0, unsafeShutdowns: 0 };
   /** The doorbell poller (mmap'd and shadow doorbells); exposed for measurements. */
-  readonly poller: DoorbellPoller;
+  readonly poller: AdaptivePoller;
   /**
    * How doorbell values arrived: `trapped` as REGION_WRITEs, `mapped` found in the shared page
    * (mmap'd, or the ioeventfds' shadow memory),
@@ -288,7 +289,7 @@ export class NvmeController extends PciDevice implements AdminContext, IoContext
     this.coalesceTimers = new Array<NodeJS.Timeout | null>(vectors).fill(null);
     this.features = new Features(vectors, WCTEMP);
     this.events = new AsyncEvents(AERL + 1, (req, status) => this.finish(req, status));
-    this.poller = new DoorbellPoller(this, { ...DEFAULT_POLL_POLICY, ...options.poll });
+    this.poller = new AdaptivePoller(this, { ...DEFAULT_POLL_POLICY, ...options.poll });
 
     const serial = options.serial ?? `VU${randomBytes(6).toString('hex').toUpperCase()}`;
     const model = options.model ?? 'vfio-user NVMe controller';

@@ -8,7 +8,7 @@
  *   guest registered shadow doorbells (see below).
  * - `'mmap'`: the page is backed by a memfd that the client may map (one fd for BAR0, the page
  *   offered as the only sparse-mmap area, page-aligned). Guest stores then land in shared memory
- *   without a message, so the controller polls the page ({@link DoorbellPoller}). REGION_WRITEs to
+ *   without a message, so the controller polls the page (an `AdaptivePoller`, lib/pci/poller.ts). REGION_WRITEs to
  *   the page still work: they store into the same memory and are processed at once.
  * - `'ioeventfd'`: the page is backed by a memfd, not offered for mmap but as the shadow memory of
  *   one ioeventfd per doorbell (DEVICE_GET_REGION_IO_FDS, libvfio-user's shadow ioeventfds, all
@@ -176,117 +176,5 @@ export class DoorbellPage {
     this.shared?.mapping.unmapNow();
     this.shared?.fd.close();
     this.shared = null;
-  }
-}
-
-/** Tunables of {@link DoorbellPoller}; see the module documentation for what they mean. */
-export interface PollPolicy {
-  /** Keep polling with setImmediate for this long after the last work, in microseconds. */
-  spinUs: number;
-  /** Then poll every `shortMs` milliseconds... */
-  shortMs: number;
-  /** ...until idle for `shortForMs` milliseconds... */
-  shortForMs: number;
-  /** ...and every `longMs` milliseconds after that. */
-  longMs: number;
-}
-
-export const DEFAULT_POLL_POLICY: Readonly<PollPolicy> = Object.freeze({ spinUs: 200, shortMs: 1, shortForMs: 100, longMs: 10 });
-
-/** What the poller drives. */
-export interface PollTarget {
-  /** Looks for new doorbell values and processes them; true if anything changed. */
-  poll(): boolean;
-  /**
-   * Prepares to sleep without timers (publish EventIdx, re-check). True if it is safe to sleep:
-   * the guest will ring a trapped doorbell for its next submission. False: keep polling.
-   */
-  arm(): boolean;
-  /** Whether anything needs polling at all (mmap'd doorbells, or shadow doorbells in use). */
-  readonly pollable: boolean;
-  /** True if sleeping (no timer) is allowed: every doorbell the guest may skip is trapped. */
-  readonly canSleep: boolean;
-}
-
-export type PollPhase = 'stopped' | 'spin' | 'short' | 'long' | 'sleep';
-
-/** Adaptive poller: spin while busy, back off to timers when idle, sleep when allowed. */
-export class DoorbellPoller {
-  private phaseValue: PollPhase = 'stopped';
-  private lastWork = 0;
-  private immediate: NodeJS.Immediate | null = null;
-  private timer: NodeJS.Timeout | null = null;
-  /** Polls done in each phase (for tests and measurements). */
-  readonly counts = { spin: 0, short: 0, long: 0, arms: 0 };
-  private readonly tick = () => this.run();
-
-  constructor(
-    private readonly target: PollTarget,
-    readonly policy: Readonly<PollPolicy> = DEFAULT_POLL_POLICY,
-  ) {}
-
-  get phase(): PollPhase {
-    return this.phaseValue;
-  }
-
-  /** Activity seen (a doorbell message, a register access, a completion): poll eagerly again. */
-  wake(): void {
-    if (!this.target.pollable) return;
-    this.lastWork = performance.now();
-    if (this.phaseValue === 'spin') return;
-    this.cancel();
-    this.phaseValue = 'spin';
-    this.immediate = setImmediate(this.tick);
-  }
-
-  /** Stops polling (controller disabled or reset). */
-  stop(): void {
-    this.cancel();
-    this.phaseValue = 'stopped';
-  }
-
-  private cancel(): void {
-    if (this.immediate !== null) clearImmediate(this.immediate);
-    if (this.timer !== null) clearTimeout(this.timer);
-    this.immediate = null;
-    this.timer = null;
-  }
-
-  private run(): void {
-    this.immediate = null;
-    this.timer = null;
-    const target = this.target;
-    if (!target.pollable) {
-      this.phaseValue = 'stopped';
-      return;
-    }
-    const phase = this.phaseValue;
-    if (phase === 'spin') this.counts.spin++;
-    else if (phase === 'short') this.counts.short++;
-    else if (phase === 'long') this.counts.long++;
-    const now = performance.now();
-    if (target.poll()) this.lastWork = now;
-    const idleMs = now - this.lastWork;
-    const policy = this.policy;
-    if (idleMs * 1000 < policy.spinUs) {
-      this.phaseValue = 'spin';
-      this.immediate = setImmediate(this.tick);
-      return;
-    }
-    if (target.canSleep) {
-      this.counts.arms++;
-      if (target.arm()) {
-        this.phaseValue = 'sleep';
-        return;
-      }
-      this.lastWork = performance.now();
-      this.phaseValue = 'spin';
-      this.immediate = setImmediate(this.tick);
-      return;
-    }
-    const long = idleMs >= policy.shortForMs;
-    this.phaseValue = long ? 'long' : 'short';
-    this.timer = setTimeout(this.tick, long ? policy.longMs : policy.shortMs);
-    this.timer.unref();
   }
 }

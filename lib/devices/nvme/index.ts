@@ -7,7 +7,9 @@
 export { NvmeController, type NvmeControllerOptions } from './controller';
 /** The storage behind a namespace: any {@link BlockBackend} (the name this package used first). */
 export type { BlockBackend as NvmeBackend } from '../../block';
-export { DEFAULT_POLL_POLICY, DoorbellPoller, type DoorbellMode, type PollPolicy, type PollPhase } from './doorbells';
+export { type DoorbellMode } from './doorbells';
+/** The NVMe controller's doorbell poller (its name before virtio shared it). */
+export { AdaptivePoller as DoorbellPoller, DEFAULT_POLL_POLICY, type PollPolicy, type PollPhase } from '../../pci/poller';
 export { AdminOpcode, IoOpcode, Status, FeatureId, LogId, Cns, Sct, DNR, status, statusCode } from './constants';
 export * as registers from './registers';
 export * as structs from './structs';

@@ -27,7 +27,7 @@ import { ClassCode } from '../../pci/ids';
 import { DmaError } from '../../server/dma';
 import { ElementData } from '../../virtio/data';
 import { VirtioPciDevice, type NotifyMode } from '../../virtio/pci';
-import type { PollPolicy } from '../../virtio/poller';
+import type { PollPolicy } from '../../pci/poller';
 import {
   BLK_ID_BYTES,
   BLK_SECTOR_SIZE,

@@ -3,7 +3,7 @@
 // one JSON line; the assertions are loose bounds so that a loaded CI machine still passes.
 import { afterEach, describe, expect, it } from 'vitest';
 import { AdminOpcode, IoOpcode } from '../../../lib/devices/nvme/constants';
-import { DEFAULT_POLL_POLICY } from '../../../lib/devices/nvme/doorbells';
+import { DEFAULT_POLL_POLICY } from '../../../lib/pci/poller';
 import { Mapping } from '../../../lib/native/mapping';
 import { PciRegion } from '../../../lib/protocol/constants';
 import { Rig, tick } from './rig';

@@ -1,23 +1,23 @@
 /**
- * {@link RingPoller}: polls the available rings when guest notifications do not reach the device
- * (the notify page mapped into the guest as shared memory: a store there is a plain memory write),
- * or, with trapped notifications, for a short while after activity while they are suppressed.
+ * {@link AdaptivePoller}: how a device learns of work that arrives as plain stores into memory it
+ * shares with the client (an NVMe doorbell page or shadow doorbells, a virtio notify page or
+ * available rings), where no message and no interrupt says that anything happened.
  *
- * | phase | entered                            | next poll               |
- * |-------|------------------------------------|-------------------------|
- * | spin  | on any work, notify or completion  | `setImmediate`          |
- * | short | `spinUs` (200 µs) without work      | `setTimeout(shortMs)`   |
- * | long  | `shortForMs` (100 ms) without work  | `setTimeout(longMs)`    |
- * | sleep | trapped notifications: re-armed     | none: a notify wakes it |
+ * | phase | entered                             | next poll               |
+ * |-------|-------------------------------------|-------------------------|
+ * | spin  | on any work, notify or completion   | `setImmediate`          |
+ * | short | `spinUs` (200 µs) without work       | `setTimeout(shortMs)`   |
+ * | long  | `shortForMs` (100 ms) without work   | `setTimeout(longMs)`    |
+ * | sleep | the target armed its notifications  | none: a trapped notify wakes it |
  *
- * A poll reads each running queue's available index (one load per queue). Spinning costs a core
- * while the guest is busy, so the window is short: under TCG the guest competes with us for the
- * same cores. Timers are unref'd: an idle poller never keeps the process alive.
+ * Spinning costs a core while the guest is busy, so the window is short: under TCG the guest
+ * competes with us for the same cores. Timers are unref'd: an idle poller never keeps the process
+ * alive. Used by the NVMe controller (lib/devices/nvme/doorbells.ts) and the virtio-pci transport.
  *
  * @packageDocumentation
  */
 
-/** Tunables of {@link RingPoller}. */
+/** Tunables of {@link AdaptivePoller}. */
 export interface PollPolicy {
   /** Keep polling with setImmediate for this long after the last work, in microseconds. */
   spinUs: number;
@@ -33,9 +33,9 @@ export const DEFAULT_POLL_POLICY: Readonly<PollPolicy> = Object.freeze({ spinUs:
 
 /** What the poller drives. */
 export interface PollTarget {
-  /** Looks for new work and processes it; true if there was any. */
+  /** Looks for new work (doorbell values, available rings) and processes it; true if there was any. */
   poll(): boolean;
-  /** Whether anything needs polling now (the device is running with a shared notify page). */
+  /** Whether anything needs polling now (shared doorbell or notify memory is in use). */
   readonly pollable: boolean;
   /** True if the poller may stop after the spin window: every submission is notified after {@link arm}. */
   readonly canSleep: boolean;
@@ -48,7 +48,8 @@ export interface PollTarget {
 
 export type PollPhase = 'stopped' | 'spin' | 'short' | 'long' | 'sleep';
 
-export class RingPoller {
+/** Spins while busy, backs off to timers when idle, sleeps when the target allows it. */
+export class AdaptivePoller {
   private phaseValue: PollPhase = 'stopped';
   private lastWork = 0;
   private immediate: NodeJS.Immediate | null = null;
@@ -66,7 +67,7 @@ export class RingPoller {
     return this.phaseValue;
   }
 
-  /** Activity seen: poll eagerly again. */
+  /** Activity seen (a notify or doorbell message, a register access, a completion): poll eagerly again. */
   wake(): void {
     if (!this.target.pollable) return;
     this.lastWork = performance.now();
@@ -76,6 +77,7 @@ export class RingPoller {
     this.immediate = setImmediate(this.tick);
   }
 
+  /** Stops polling (the device is disabled or reset). */
   stop(): void {
     this.cancel();
     this.phaseValue = 'stopped';
