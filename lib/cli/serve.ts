@@ -211,11 +211,8 @@ function qemuOption(socket: string): string {
 async function serveGpio(socket: string, options: ServerOptions, json: boolean): Promise<number> {
   const device = new Idio16Device();
   const server = await listenOn(socket, device, options);
-  const say = (obj: Record<string, unknown>, text: string) => console.log(json ? JSON.stringify(obj) : text);
-
-  server.on('connect', () => say({ event: 'connect' }, 'client connected'));
-  server.on('disconnect', (err: Error | null) => say({ event: 'disconnect', error: err?.message ?? null }, `client disconnected${err ? `: ${err.message}` : ''}`));
-  server.on('migration-refused', (err: Error) => say({ event: 'migration-refused', reason: err.message }, `migration stream refused: ${err.message}`));
+  const say = sayer(json);
+  reportServer(server, say);
   device.events.on('outputs', (value) => say({ event: 'outputs', value }, `outputs 0x${value.toString(16).padStart(4, '0')}`));
   device.events.on('irq', (enabled) => say({ event: 'irq', enabled }, `interrupt ${enabled ? 'enabled' : 'disabled'}`));
 
@@ -242,18 +239,49 @@ async function serveGpio(socket: string, options: ServerOptions, json: boolean):
     }
   });
 
+  return runUntilSignalled(server, 'gpio', say, 'stopped: socket removed', () => input.close(), {
+    obj: { event: 'ready', device: 'gpio', socket, qemu: qemuOption(socket) },
+    text: `vfio-user: serving gpio (ACCES PCI-IDIO-16) on ${socket}\nattach with: ${qemuOption(socket)}`,
+  });
+}
+
+type Say = (obj: Record<string, unknown>, text: string) => void;
+
+/** Prints one line per event: JSON with --json, text otherwise. */
+function sayer(json: boolean): Say {
+  return (obj, text) => console.log(json ? JSON.stringify(obj) : text);
+}
+
+/** The server's own events, as every `serve` prints them. */
+function reportServer(server: VfioUserServer, say: Say): void {
+  server.on('connect', () => say({ event: 'connect' }, 'client connected'));
+  server.on('disconnect', (err: Error | null) => say({ event: 'disconnect', error: err?.message ?? null }, `client disconnected${err ? `: ${err.message}` : ''}`));
+  server.on('migration-refused', (err: Error) => say({ event: 'migration-refused', reason: err.message }, `migration stream refused: ${err.message}`));
+}
+
+/**
+ * Serves until SIGINT or SIGTERM, then closes the server (which drains in-flight I/O and closes
+ * the device and its backend) and resolves with the exit status. The ready line is printed only
+ * once the signal handlers are in place: a supervisor may stop us as soon as it sees it.
+ */
+function runUntilSignalled(server: VfioUserServer, device: string, say: Say, stopped: string, beforeClose: (() => void) | null, ready: { obj: Record<string, unknown>; text: string }): Promise<number> {
   return new Promise<number>((resolve) => {
     const stop = () => {
-      input.close();
-      void server.close().then(() => {
-        say({ event: 'stopped' }, 'stopped: socket removed');
-        resolve(0);
-      });
+      beforeClose?.();
+      void server.close().then(
+        () => {
+          say({ event: 'stopped' }, stopped);
+          resolve(0);
+        },
+        (err: unknown) => {
+          console.error(`vfio-user serve ${device}: shutdown failed: ${(err as Error).message}`);
+          resolve(1);
+        },
+      );
     };
     process.once('SIGINT', stop);
     process.once('SIGTERM', stop);
-    // Ready only now that Ctrl-C and SIGTERM stop cleanly: a supervisor may stop us at once.
-    say({ event: 'ready', device: 'gpio', socket, qemu: qemuOption(socket) }, `vfio-user: serving gpio (ACCES PCI-IDIO-16) on ${socket}\nattach with: ${qemuOption(socket)}`);
+    say(ready.obj, ready.text);
   });
 }
 
@@ -325,36 +353,16 @@ async function serveNvme(socket: string, options: ServerOptions, json: boolean, 
     await controller.backend.close().catch(() => {}); // an NBD backend's sockets would keep the process alive
     throw err;
   });
-  const say = (obj: Record<string, unknown>, text: string) => console.log(json ? JSON.stringify(obj) : text);
+  const say = sayer(json);
   const nbd = controller.backend instanceof NbdBackend ? controller.backend : null;
   const backing = `${nbd !== null ? `nbd ${nbd.uri}` : values.file !== undefined ? `file ${String(values.file)}` : 'RAM'}${controller.backend.readOnly ? ', read-only' : ''}`;
   const size = controller.backend.size;
   nbd?.on('disconnect', (err: Error) => say({ event: 'nbd-disconnect', error: err.message }, `NBD server lost (${err.message}): I/O waits while reconnecting`));
   nbd?.on('reconnect', () => say({ event: 'nbd-reconnect' }, 'NBD server back: I/O resumes'));
-  server.on('connect', () => say({ event: 'connect' }, 'client connected'));
-  server.on('disconnect', (err: Error | null) => say({ event: 'disconnect', error: err?.message ?? null }, `client disconnected${err ? `: ${err.message}` : ''}`));
-  server.on('migration-refused', (err: Error) => say({ event: 'migration-refused', reason: err.message }, `migration stream refused: ${err.message}`));
-  return new Promise<number>((resolve) => {
-    const stop = () => {
-      // close() drains in-flight I/O, then the controller flushes and closes its backend.
-      void server.close().then(
-        () => {
-          say({ event: 'stopped' }, 'stopped: data flushed, socket removed');
-          resolve(0);
-        },
-        (err: unknown) => {
-          console.error(`vfio-user serve nvme: shutdown failed: ${(err as Error).message}`);
-          resolve(1);
-        },
-      );
-    };
-    process.once('SIGINT', stop);
-    process.once('SIGTERM', stop);
-    // Ready only now that Ctrl-C and SIGTERM stop cleanly: a supervisor may stop us at once.
-    say(
-      { event: 'ready', device: 'nvme', socket, sizeBytes: size, backing, qemu: qemuOption(socket) },
-      `vfio-user: serving nvme (${(size / 2 ** 30).toFixed(2)} GiB, ${backing}) on ${socket}\nattach with: ${qemuOption(socket)}`,
-    );
+  reportServer(server, say);
+  return runUntilSignalled(server, 'nvme', say, 'stopped: data flushed, socket removed', null, {
+    obj: { event: 'ready', device: 'nvme', socket, sizeBytes: size, backing, qemu: qemuOption(socket) },
+    text: `vfio-user: serving nvme (${(size / 2 ** 30).toFixed(2)} GiB, ${backing}) on ${socket}\nattach with: ${qemuOption(socket)}`,
   });
 }
 
@@ -382,32 +390,12 @@ function virtioBlkFromOptions(values: Record<string, string | boolean | undefine
 
 async function serveVirtioBlk(socket: string, options: ServerOptions, json: boolean, disk: VirtioBlkDevice, values: Record<string, unknown>): Promise<number> {
   const server = await listenOn(socket, disk, options);
-  const say = (obj: Record<string, unknown>, text: string) => console.log(json ? JSON.stringify(obj) : text);
+  const say = sayer(json);
   const backing = `${values.file !== undefined ? `file ${String(values.file)}` : 'RAM'}${disk.readOnly ? ', read-only' : ''}`;
   const size = disk.capacity * 512;
-  server.on('connect', () => say({ event: 'connect' }, 'client connected'));
-  server.on('disconnect', (err: Error | null) => say({ event: 'disconnect', error: err?.message ?? null }, `client disconnected${err ? `: ${err.message}` : ''}`));
-  server.on('migration-refused', (err: Error) => say({ event: 'migration-refused', reason: err.message }, `migration stream refused: ${err.message}`));
-  return new Promise<number>((resolve) => {
-    const stop = () => {
-      // close() drains in-flight requests, then the device flushes and closes its backend.
-      void server.close().then(
-        () => {
-          say({ event: 'stopped' }, 'stopped: data flushed, socket removed');
-          resolve(0);
-        },
-        (err: unknown) => {
-          console.error(`vfio-user serve virtio-blk: shutdown failed: ${(err as Error).message}`);
-          resolve(1);
-        },
-      );
-    };
-    process.once('SIGINT', stop);
-    process.once('SIGTERM', stop);
-    // Ready only now that Ctrl-C and SIGTERM stop cleanly: a supervisor may stop us at once.
-    say(
-      { event: 'ready', device: 'virtio-blk', socket, sizeBytes: size, backing, qemu: qemuOption(socket) },
-      `vfio-user: serving virtio-blk (${(size / 2 ** 30).toFixed(2)} GiB, ${backing}) on ${socket}\nattach with: ${qemuOption(socket)}`,
-    );
+  reportServer(server, say);
+  return runUntilSignalled(server, 'virtio-blk', say, 'stopped: data flushed, socket removed', null, {
+    obj: { event: 'ready', device: 'virtio-blk', socket, sizeBytes: size, backing, qemu: qemuOption(socket) },
+    text: `vfio-user: serving virtio-blk (${(size / 2 ** 30).toFixed(2)} GiB, ${backing}) on ${socket}\nattach with: ${qemuOption(socket)}`,
   });
 }
