@@ -6,11 +6,10 @@
  * chains (direct or indirect), notifies with REGION_WRITEs and reaps the used ring.
  */
 import * as fs from 'node:fs';
+import { GuestMemory } from '../helpers/guest-memory';
 import { binding } from '../../lib/native/binding';
 import { Fd } from '../../lib/native/fd';
-import { Mapping } from '../../lib/native/mapping';
-import { createMemfd } from '../../lib/native/memfd';
-import { DmaMapFlags, IrqSetFlags, PciIrq, PciRegion } from '../../lib/protocol/constants';
+import { IrqSetFlags, PciIrq, PciRegion } from '../../lib/protocol/constants';
 import { DmaSpace } from '../../lib/server/dma';
 import { IrqTable } from '../../lib/server/irq';
 import type { VirtioPciDevice } from '../../lib/virtio/pci';
@@ -200,9 +199,7 @@ export class VirtioRig<D extends VirtioPciDevice<any> = VirtioPciDevice> {
   readonly layout: VirtioLayout;
   readonly queues: DriverQueue[] = [];
   private readonly eventfds = new Map<string, number>();
-  private readonly mapping: Mapping;
-  private readonly memFd: Fd;
-  private next = PAGE;
+  private readonly memory: GuestMemory;
   private closed = false;
 
   constructor(
@@ -210,12 +207,8 @@ export class VirtioRig<D extends VirtioPciDevice<any> = VirtioPciDevice> {
     options: RigOptions = {},
   ) {
     this.memSize = options.memory ?? 16 << 20;
-    const fd = createMemfd('virtio-test-guest', this.memSize);
-    this.mapping = Mapping.map(fd, 0, this.memSize);
-    this.mem = this.mapping.bytes;
-    this.memFd = new Fd(fs.openSync(`/proc/self/fd/${fd.value}`, 'r+'));
-    const errno = this.dma.add({ iova: 0n, size: BigInt(this.memSize), offset: 0n, flags: DmaMapFlags.READ | DmaMapFlags.WRITE }, fd);
-    if (errno !== 0) throw new Error(`DMA map failed: ${errno}`);
+    this.memory = new GuestMemory(this.dma, 'virtio-test-guest', this.memSize);
+    this.mem = this.memory.bytes;
     this.irqs = new IrqTable(device.irqs);
     device.attach({ dma: this.dma, irqs: this.irqs });
     this.layout = this.findLayout();
@@ -223,19 +216,12 @@ export class VirtioRig<D extends VirtioPciDevice<any> = VirtioPciDevice> {
 
   /** Aligned guest memory (zeroed). */
   alloc(bytes: number, align = PAGE): number {
-    const at = Math.ceil(this.next / align) * align;
-    if (at + bytes > this.memSize) throw new Error('rig: out of guest memory');
-    this.next = at + bytes;
-    this.mem.fill(0, at, at + bytes);
-    return at;
+    return this.memory.alloc(bytes, align);
   }
 
   /** DMA_UNMAP all guest memory, then map it again. */
-  async remapMemory(): Promise<void> {
-    await this.dma.removeAll();
-    const fd = new Fd(fs.openSync(`/proc/self/fd/${this.memFd.value}`, 'r+'));
-    const errno = this.dma.add({ iova: 0n, size: BigInt(this.memSize), offset: 0n, flags: DmaMapFlags.READ | DmaMapFlags.WRITE }, fd);
-    if (errno !== 0) throw new Error(`DMA re-map failed: ${errno}`);
+  async remapMemory(from: this = this): Promise<void> {
+    await this.memory.remap(from.memory);
   }
 
   // ---- region access ----
@@ -506,8 +492,7 @@ export class VirtioRig<D extends VirtioPciDevice<any> = VirtioPciDevice> {
     await this.device.close();
     this.irqs.clear();
     await this.dma.removeAll();
-    this.mapping.unmapNow();
-    this.memFd.close();
+    this.memory.close();
   }
 }
 

@@ -28,11 +28,7 @@ async function save(rig: Rig): Promise<Buffer> {
 /** A destination rig whose DMA space maps the source rig's guest memory, loaded with `stream`. */
 async function restore(src: Rig, stream: Buffer): Promise<Rig> {
   const dst = new Rig({ serial: 'MIG-RIG' });
-  const d = dst as unknown as { memFd: unknown };
-  const own = d.memFd;
-  d.memFd = (src as unknown as { memFd: unknown }).memFd;
-  await dst.remapMemory();
-  d.memFd = own;
+  await dst.remapMemory(src);
   const hooks = dst.ctrl.migration as MigrationHooks;
   await hooks.setRunning(false);
   const loader = hooks.loader!();

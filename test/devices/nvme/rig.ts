@@ -4,12 +4,10 @@
  * DmaSpace, interrupts through a real IrqTable with eventfds. It builds SQEs in guest memory,
  * rings doorbells with REGION_WRITEs and reaps CQEs by phase tag.
  */
-import * as fs from 'node:fs';
+import { GuestMemory } from '../../helpers/guest-memory';
 import { binding } from '../../../lib/native/binding';
 import { Fd } from '../../../lib/native/fd';
-import { Mapping } from '../../../lib/native/mapping';
-import { createMemfd } from '../../../lib/native/memfd';
-import { DmaMapFlags, IrqSetFlags, PciIrq, PciRegion } from '../../../lib/protocol/constants';
+import { IrqSetFlags, PciIrq, PciRegion } from '../../../lib/protocol/constants';
 import { DmaSpace } from '../../../lib/server/dma';
 import { IrqTable } from '../../../lib/server/irq';
 import { NvmeController, type NvmeControllerOptions } from '../../../lib/devices/nvme/controller';
@@ -86,41 +84,27 @@ export class Rig {
   readonly queues = new Map<number, HostQueue>();
   /** Raw eventfds the IrqTable owns, by "index:vector". */
   private readonly eventfds = new Map<string, number>();
-  private readonly mapping: Mapping;
-  /** A second fd of the guest memfd (reopened through /proc), to map it again. */
-  private readonly memFd: Fd;
-  private next = PAGE; // bump allocator; page 0 stays unused
+  private readonly memory: GuestMemory;
   private closed = false;
 
   constructor(options: RigOptions = {}) {
     const backend = options.backend ?? new RamBackend(options.diskSize ?? 8 << 20);
     this.ctrl = new NvmeController({ ...options, backend });
     this.memSize = options.memory ?? 32 << 20;
-    const fd = createMemfd('nvme-test-guest', this.memSize);
-    this.mapping = Mapping.map(fd, 0, this.memSize);
-    this.mem = this.mapping.bytes;
-    this.memFd = new Fd(fs.openSync(`/proc/self/fd/${fd.value}`, 'r+'));
-    const errno = this.dma.add({ iova: 0n, size: BigInt(this.memSize), offset: 0n, flags: DmaMapFlags.READ | DmaMapFlags.WRITE }, fd);
-    if (errno !== 0) throw new Error(`DMA map failed: ${errno}`);
+    this.memory = new GuestMemory(this.dma, 'nvme-test-guest', this.memSize);
+    this.mem = this.memory.bytes;
     this.irqs = new IrqTable(this.ctrl.irqs);
     this.ctrl.attach({ dma: this.dma, irqs: this.irqs });
   }
 
   /** Page-aligned guest memory (zeroed). */
   alloc(bytes: number, align = PAGE): number {
-    const at = Math.ceil(this.next / align) * align;
-    if (at + bytes > this.memSize) throw new Error('rig: out of guest memory');
-    this.next = at + bytes;
-    this.mem.fill(0, at, at + bytes);
-    return at;
+    return this.memory.alloc(bytes, align);
   }
 
-  /** DMA_UNMAP all guest memory, then DMA_MAP it again (new mapping, same memory), as SeaBIOS-era clients do. */
-  async remapMemory(): Promise<void> {
-    await this.dma.removeAll();
-    const fd = new Fd(fs.openSync(`/proc/self/fd/${this.memFd.value}`, 'r+'));
-    const errno = this.dma.add({ iova: 0n, size: BigInt(this.memSize), offset: 0n, flags: DmaMapFlags.READ | DmaMapFlags.WRITE }, fd);
-    if (errno !== 0) throw new Error(`DMA re-map failed: ${errno}`);
+  /** DMA_UNMAP all guest memory, then DMA_MAP it again (new mapping, same memory, as SeaBIOS-era clients do; or `from`'s memory). */
+  async remapMemory(from: this = this): Promise<void> {
+    await this.memory.remap(from.memory);
   }
 
   // ---- region access ----
@@ -403,8 +387,7 @@ export class Rig {
     await this.ctrl.close();
     this.irqs.clear();
     await this.dma.removeAll();
-    this.mapping.unmapNow();
-    this.memFd.close();
+    this.memory.close();
   }
 }
 
