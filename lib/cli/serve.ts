@@ -46,12 +46,16 @@ nvme options:
   --trace FILE         append controller events (state changes, admin commands, errors) to FILE
 
 virtio-blk options:
-  --size SIZE          disk size, e.g. 1G, 512M (default 1G); RAM-backed unless --file
+  --size SIZE          disk size, e.g. 1G, 512M (default 1G); RAM-backed unless --file or --nbd
   --file PATH          back the disk with a file or block device (created if missing, with --size);
                        FLUSH and write-through writes reach the disk with fdatasync
+  --nbd URI            back the disk with an NBD export (URIs as for nvme); the size is the
+                       export's; I/O waits while the server is away (30 s at most)
+  --nbd-connections N  NBD connections when the server allows several, 1..16 (default 4)
   --queues N           request queues, 1..64 (default 4)
-  --block-size B       logical block size, 512, 1024, 2048 or 4096 (default 512)
-  --read-only          a read-only disk (VIRTIO_BLK_F_RO)
+  --block-size B       logical block size, 512, 1024, 2048 or 4096 (default 512, or an NBD
+                       export's minimum block size if larger)
+  --read-only          a read-only disk (VIRTIO_BLK_F_RO; any backend)
   --serial S           device ID (GET_ID), up to 20 characters (default: random)
   --notify MODE        trap (default: every queue notify is a message), mmap (the notify page is
                        shared memory the device polls adaptively) or ioeventfd (an eventfd per
@@ -167,18 +171,18 @@ export const serveCommand: CliCommand = {
         console.error(`vfio-user serve nvme: ${(err as Error).message}`);
         return 2;
       }
-      return serve(serveNvme(path.resolve(socket), options, json, controller, values));
+      return serve(serveDisk(path.resolve(socket), options, json, 'nvme', controller, controller.backend, controller.backend.size, values));
     }
     if (device === 'virtio-blk') {
       let disk: VirtioBlkDevice;
       try {
-        disk = virtioBlkFromOptions(values);
+        disk = await virtioBlkFromOptions(values);
       } catch (err) {
         provisional.rollback();
         console.error(`vfio-user serve virtio-blk: ${(err as Error).message}`);
         return 2;
       }
-      return serve(serveVirtioBlk(path.resolve(socket), options, json, disk, values));
+      return serve(serveDisk(path.resolve(socket), options, json, 'virtio-blk', disk, disk.backend, disk.capacity * 512, values));
     }
     console.error(`vfio-user serve: unknown device '${device}' (known: gpio, nvme, virtio-blk)`);
     return 2;
@@ -189,7 +193,7 @@ export const serveCommand: CliCommand = {
 const DEVICE_OPTIONS: Record<string, readonly string[]> = {
   gpio: [],
   nvme: ['size', 'file', 'queues', 'block-size', 'serial', 'model', 'trace', 'doorbells', 'read-only', 'nbd', 'nbd-connections'],
-  'virtio-blk': ['size', 'file', 'queues', 'block-size', 'serial', 'trace', 'notify', 'read-only'],
+  'virtio-blk': ['size', 'file', 'queues', 'block-size', 'serial', 'trace', 'notify', 'read-only', 'nbd', 'nbd-connections'],
 };
 
 /** The listening socket inherited (--fd, systemd), served instead of binding SOCKET; or null. */
@@ -305,97 +309,107 @@ function intOption(values: Record<string, unknown>, name: string, min: number, m
 }
 
 async function nvmeFromOptions(values: Record<string, string | boolean | undefined>): Promise<NvmeController> {
-  const size = values.size === undefined ? undefined : parseSize(String(values.size));
-  let blockSize = intOption(values, 'block-size', 512, 4096);
-  if (blockSize !== undefined && blockSize !== 512 && blockSize !== 4096) throw new Error('--block-size must be 512 or 4096');
   const doorbells = values.doorbells ?? 'trap';
   if (doorbells !== 'trap' && doorbells !== 'mmap' && doorbells !== 'ioeventfd') throw new Error(`--doorbells must be trap, mmap or ioeventfd, got '${String(doorbells)}'`);
   const queues = intOption(values, 'queues', 1, 64);
-  const traceFile = values.trace === undefined ? null : String(values.trace);
-  const traceFd = traceFile === null ? null : provisional.openTrace(traceFile);
-  const readOnly = values['read-only'] === true;
-  const nbdConnections = intOption(values, 'nbd-connections', 1, 16);
-  let backend: BlockBackend;
-  if (values.nbd !== undefined) {
-    if (values.file !== undefined || size !== undefined) throw new Error('--nbd takes neither --file nor --size (the size is the export\'s)');
-    const nbd = await NbdBackend.open(String(values.nbd), { readOnly, ...(nbdConnections !== undefined ? { connections: nbdConnections } : {}) });
-    if (nbd.minBlock > (blockSize ?? 512)) {
-      if (blockSize !== undefined || nbd.minBlock > 4096) {
-        await nbd.close();
-        throw new Error(`the NBD export's minimum block size is ${nbd.minBlock}`);
-      }
-      blockSize = 4096;
-    }
-    if (nbd.size % (blockSize ?? 512) !== 0) {
-      await nbd.close();
-      throw new Error(`the NBD export's size, ${nbd.size} bytes, is not a multiple of the block size`);
-    }
-    backend = nbd;
-  } else if (values.file !== undefined) {
-    backend = provisional.openBacking(String(values.file), { size, blockSize: blockSize ?? 512, readOnly });
-  } else {
-    backend = new RamBackend(size ?? 2 ** 30, { readOnly });
-  }
-  checkBlockMultiple(size !== undefined ? `--size ${size}` : `the namespace size, ${backend.size} bytes,`, backend.size, blockSize ?? 512);
-  return new NvmeController({
-    backend,
-    doorbells,
-    ...(queues !== undefined ? { queues } : {}),
-    ...(blockSize !== undefined ? { blockSize: blockSize as 512 | 4096 } : {}),
-    ...(values.serial !== undefined ? { serial: String(values.serial) } : {}),
-    ...(values.model !== undefined ? { model: String(values.model) } : {}),
-    ...(traceFd !== null ? { trace: (line: string) => fs.writeSync(traceFd, `${new Date().toISOString()} ${line}\n`) } : {}),
-  });
+  const traceFd = values.trace === undefined ? null : provisional.openTrace(String(values.trace));
+  const { backend, blockSize } = await openDisk(values, [512, 4096]);
+  return onBackend(backend, () =>
+    new NvmeController({
+      backend,
+      doorbells,
+      blockSize: blockSize as 512 | 4096,
+      ...(queues !== undefined ? { queues } : {}),
+      ...(values.serial !== undefined ? { serial: String(values.serial) } : {}),
+      ...(values.model !== undefined ? { model: String(values.model) } : {}),
+      ...(traceFd !== null ? { trace: traceLines(traceFd) } : {}),
+    }),
+  );
 }
 
-async function serveNvme(socket: string, options: ServerOptions, json: boolean, controller: NvmeController, values: Record<string, unknown>): Promise<number> {
-  const server = await listenOn(socket, controller, options).catch(async (err: unknown) => {
-    await controller.backend.close().catch(() => {}); // an NBD backend's sockets would keep the process alive
+/**
+ * The backend of a disk (either device) from --nbd, --file or --size (RAM), with --read-only and
+ * --nbd-connections, and its logical block size: --block-size (one of `blockSizes`), else 512,
+ * raised to the smallest of `blockSizes` that an NBD export's minimum block size allows.
+ */
+async function openDisk(values: Record<string, string | boolean | undefined>, blockSizes: readonly number[]): Promise<{ backend: BlockBackend; blockSize: number }> {
+  const size = values.size === undefined ? undefined : parseSize(String(values.size));
+  const given = intOption(values, 'block-size', 512, 4096);
+  if (given !== undefined && !blockSizes.includes(given)) throw new Error(`--block-size must be ${blockSizes.slice(0, -1).join(', ')} or ${String(blockSizes.at(-1))}`);
+  let blockSize = given ?? 512;
+  const readOnly = values['read-only'] === true;
+  if (values.nbd !== undefined) {
+    if (values.file !== undefined || size !== undefined) throw new Error('--nbd takes neither --file nor --size (the size is the export\'s)');
+    const connections = intOption(values, 'nbd-connections', 1, 16);
+    const nbd = await NbdBackend.open(String(values.nbd), { readOnly, ...(connections !== undefined ? { connections } : {}) });
+    try {
+      if (nbd.minBlock > blockSize) {
+        const fit = blockSizes.find((b) => b >= nbd.minBlock);
+        if (given !== undefined || fit === undefined) throw new Error(`the NBD export's minimum block size is ${nbd.minBlock}`);
+        blockSize = fit;
+      }
+      checkBlockMultiple(`the NBD export's size, ${nbd.size} bytes,`, nbd.size, blockSize);
+    } catch (err) {
+      await nbd.close(); // its sockets would keep the process alive
+      throw err;
+    }
+    return { backend: nbd, blockSize };
+  }
+  if (values.file !== undefined) return { backend: provisional.openBacking(String(values.file), { size, blockSize, readOnly }), blockSize };
+  if (size !== undefined) checkBlockMultiple(`--size ${size}`, size, blockSize);
+  return { backend: new RamBackend(size ?? 2 ** 30, { readOnly }), blockSize };
+}
+
+/** Builds a device on `backend`; if that fails (a bad option), the backend is closed: an NBD backend's sockets would keep the process alive. */
+async function onBackend<T>(backend: BlockBackend, make: () => T): Promise<T> {
+  try {
+    return make();
+  } catch (err) {
+    await backend.close().catch(() => {});
+    throw err;
+  }
+}
+
+/** Appends each line, timestamped, to the trace file. */
+function traceLines(fd: number): (line: string) => void {
+  return (line) => fs.writeSync(fd, `${new Date().toISOString()} ${line}\n`);
+}
+
+/**
+ * Serves a disk device until signalled: the ready line names its size and backing, and an NBD
+ * backend's losses and returns are reported as events.
+ */
+async function serveDisk(socket: string, options: ServerOptions, json: boolean, name: string, device: VfioUserDevice, backend: BlockBackend, sizeBytes: number, values: Record<string, unknown>): Promise<number> {
+  const server = await listenOn(socket, device, options).catch(async (err: unknown) => {
+    await backend.close().catch(() => {}); // an NBD backend's sockets would keep the process alive
     throw err;
   });
   const say = sayer(json);
-  const nbd = controller.backend instanceof NbdBackend ? controller.backend : null;
-  const backing = `${nbd !== null ? `nbd ${nbd.uri}` : values.file !== undefined ? `file ${String(values.file)}` : 'RAM'}${controller.backend.readOnly ? ', read-only' : ''}`;
-  const size = controller.backend.size;
+  const nbd = backend instanceof NbdBackend ? backend : null;
+  const backing = `${nbd !== null ? `nbd ${nbd.uri}` : values.file !== undefined ? `file ${String(values.file)}` : 'RAM'}${backend.readOnly === true ? ', read-only' : ''}`;
   nbd?.on('disconnect', (err: Error) => say({ event: 'nbd-disconnect', error: err.message }, `NBD server lost (${err.message}): I/O waits while reconnecting`));
   nbd?.on('reconnect', () => say({ event: 'nbd-reconnect' }, 'NBD server back: I/O resumes'));
   reportServer(server, say);
-  return runUntilSignalled(server, 'nvme', say, 'stopped: data flushed, socket removed', null, {
-    obj: { event: 'ready', device: 'nvme', socket, sizeBytes: size, backing, qemu: qemuOption(socket) },
-    text: `vfio-user: serving nvme (${(size / 2 ** 30).toFixed(2)} GiB, ${backing}) on ${socket}\nattach with: ${qemuOption(socket)}`,
+  return runUntilSignalled(server, name, say, 'stopped: data flushed, socket removed', null, {
+    obj: { event: 'ready', device: name, socket, sizeBytes, backing, qemu: qemuOption(socket) },
+    text: `vfio-user: serving ${name} (${(sizeBytes / 2 ** 30).toFixed(2)} GiB, ${backing}) on ${socket}\nattach with: ${qemuOption(socket)}`,
   });
 }
 
-function virtioBlkFromOptions(values: Record<string, string | boolean | undefined>): VirtioBlkDevice {
-  const size = values.size === undefined ? undefined : parseSize(String(values.size));
-  const blockSize = intOption(values, 'block-size', 512, 4096);
+async function virtioBlkFromOptions(values: Record<string, string | boolean | undefined>): Promise<VirtioBlkDevice> {
   const queues = intOption(values, 'queues', 1, 64);
   const notify = values.notify ?? 'trap';
   if (notify !== 'trap' && notify !== 'mmap' && notify !== 'ioeventfd') throw new Error(`--notify must be trap, mmap or ioeventfd, got '${String(notify)}'`);
-  const readOnly = values['read-only'] === true;
-  if (size !== undefined) checkBlockMultiple(`--size ${size}`, size, blockSize ?? 512);
   const traceFd = values.trace === undefined ? null : provisional.openTrace(String(values.trace));
-  const backend: BlockBackend =
-    values.file !== undefined ? provisional.openBacking(String(values.file), { size, blockSize: blockSize ?? 512, readOnly }) : new RamBackend(size ?? 2 ** 30);
-  return new VirtioBlkDevice({
-    backend,
-    notify,
-    readOnly,
-    ...(queues !== undefined ? { queues } : {}),
-    ...(blockSize !== undefined ? { blockSize } : {}),
-    ...(values.serial !== undefined ? { serial: String(values.serial) } : {}),
-    ...(traceFd !== null ? { trace: (line: string) => fs.writeSync(traceFd, `${new Date().toISOString()} ${line}\n`) } : {}),
-  });
-}
-
-async function serveVirtioBlk(socket: string, options: ServerOptions, json: boolean, disk: VirtioBlkDevice, values: Record<string, unknown>): Promise<number> {
-  const server = await listenOn(socket, disk, options);
-  const say = sayer(json);
-  const backing = `${values.file !== undefined ? `file ${String(values.file)}` : 'RAM'}${disk.readOnly ? ', read-only' : ''}`;
-  const size = disk.capacity * 512;
-  reportServer(server, say);
-  return runUntilSignalled(server, 'virtio-blk', say, 'stopped: data flushed, socket removed', null, {
-    obj: { event: 'ready', device: 'virtio-blk', socket, sizeBytes: size, backing, qemu: qemuOption(socket) },
-    text: `vfio-user: serving virtio-blk (${(size / 2 ** 30).toFixed(2)} GiB, ${backing}) on ${socket}\nattach with: ${qemuOption(socket)}`,
-  });
+  const { backend, blockSize } = await openDisk(values, [512, 1024, 2048, 4096]);
+  return onBackend(backend, () =>
+    new VirtioBlkDevice({
+      backend,
+      notify,
+      blockSize,
+      ...(queues !== undefined ? { queues } : {}),
+      ...(values.serial !== undefined ? { serial: String(values.serial) } : {}),
+      ...(traceFd !== null ? { trace: traceLines(traceFd) } : {}),
+    }),
+  );
 }

@@ -1,6 +1,6 @@
 /**
  * `VirtioBlkDevice`: a virtio block device (virtio 1.2, 5.2) on the modern virtio-pci transport,
- * served over vfio-user, on any {@link BlockBackend} (RAM, file). Linux binds it with
+ * served over vfio-user, on any {@link BlockBackend} (RAM, file, NBD). Linux binds it with
  * `virtio_pci` + `virtio_blk` (PCI 1af4:1042).
  *
  * Requests (5.2.6): IN (read), OUT (write), FLUSH, GET_ID, DISCARD and WRITE_ZEROES, on
@@ -53,7 +53,7 @@ export interface VirtioBlkOptions {
   queueSize?: number;
   /** Logical block size `blk_size`: 512, 1024, 2048 or 4096 (default 512). */
   blockSize?: number;
-  /** A read-only disk (VIRTIO_BLK_F_RO): writes, discards and write-zeroes fail. */
+  /** A read-only disk (VIRTIO_BLK_F_RO): writes, discards and write-zeroes fail. Always so on a read-only backend. */
   readOnly?: boolean;
   /** The GET_ID string, at most 20 ASCII characters (default: random). */
   serial?: string;
@@ -147,7 +147,7 @@ export class VirtioBlkDevice extends VirtioPciDevice<BlkRequest> {
     if (!Number.isInteger(sizeMax) || sizeMax < 4096 || sizeMax > 0xffff_ffff) throw new RangeError(`Expected sizeMax from 4096 to 2^32 - 1, got ${sizeMax}`);
     const serial = options.serial ?? `VB${randomBytes(6).toString('hex').toUpperCase()}`;
     if (Buffer.byteLength(serial, 'latin1') > BLK_ID_BYTES || !/^[\x20-\x7e]*$/.test(serial)) throw new RangeError(`Expected a serial of at most ${BLK_ID_BYTES} printable ASCII characters, got '${serial}'`);
-    const readOnly = options.readOnly ?? false;
+    const readOnly = options.readOnly === true || options.backend.readOnly === true;
     let features = featureBit(BlkFeature.SIZE_MAX) | featureBit(BlkFeature.SEG_MAX) | featureBit(BlkFeature.BLK_SIZE) | featureBit(BlkFeature.FLUSH) | featureBit(BlkFeature.CONFIG_WCE) | featureBit(BlkFeature.MQ);
     features |= readOnly ? featureBit(BlkFeature.RO) : featureBit(BlkFeature.DISCARD) | featureBit(BlkFeature.WRITE_ZEROES);
     super({
