@@ -37,8 +37,8 @@ if (!fs.existsSync(CLI)) {
 }
 const { binding, WOULD_BLOCK } = require('../dist/native/binding.js');
 const P = require('../dist/protocol/index.js');
-const { Reg, Cc, Csts, enableValue, sqTailDoorbell, cqHeadDoorbell } = require('../dist/drivers/nvme/registers.js');
-const { AdminOpcode, IoOpcode } = require('../dist/devices/nvme/constants.js');
+const { enableValue } = require('../dist/drivers/nvme/registers.js');
+const { Reg, Cc, Csts, sqTailDoorbell, cqHeadDoorbell, AdminOpcode, IoOpcode } = require('../dist/nvme/spec/index.js');
 
 const { Command, HeaderFlags, DmaMapFlags, DmaUnmapFlags, IrqSetFlags, DeviceFeature, DirtyPagesFlags, Errno, PciRegion } = P;
 const CONFIG = PciRegion.CONFIG;

@@ -4,7 +4,7 @@
  * state those commands own (feature values, the Error Information log, pending asynchronous
  * events).
  *
- * Every handler returns an NVMe status for the completion (see `constants.ts`); a guest mistake is
+ * Every handler returns an NVMe status for the completion (see lib/nvme/spec/constants.ts); a guest mistake is
  * never an exception. Handlers reach the controller only through {@link AdminContext}.
  *
  * @packageDocumentation
@@ -20,18 +20,12 @@ import {
   LogId,
   NSID_ALL,
   Status,
-} from './constants';
+} from '../../nvme/spec/constants';
 import { copyToGuest, copyToGuestSync, mapPrp } from './prp';
 import type { CompletionQueue, SubmissionQueue } from './queues';
 import { DEFERRED, type HandlerResult, type Request } from './request';
+import { ErrorLogEntry, FwSlotLog, IDENTIFY_SIZE, IdCtrlNvm, SQE_FUSE_MASK, SQE_PSDT_MASK, SmartLog } from '../../nvme/spec/structs';
 import {
-  ErrorLogEntry,
-  FwSlotLog,
-  IDENTIFY_SIZE,
-  IdCtrlNvm,
-  SQE_FUSE_MASK,
-  SQE_PSDT_MASK,
-  SmartLog,
   writeErrorLogEntry,
   writeFirmwareSlotLog,
   writeIdentifyController,
@@ -43,7 +37,7 @@ import {
   type ErrorRecord,
   type HealthCounters,
   type NamespaceIdentity,
-} from './structs';
+} from './builders';
 
 /** The one namespace this controller has. */
 export const NSID = 1;

@@ -38,34 +38,19 @@ import type { BlockBackend } from '../../block/backend';
 import { RamBackend } from '../../block/ram';
 import type { BulkData } from '../../server/state-stream';
 import { MigrationRefusedError, fromBase64, toBase64 } from '../../server/state-stream';
-import { AdminOpcode, AerErrorInfo, AerType, CriticalWarning, IoOpcode, LogId, Status, statusCode } from './constants';
+import { AdminOpcode, AerErrorInfo, AerType, CriticalWarning, IoOpcode, LogId, Status, statusCode } from '../../nvme/spec/constants';
+import { Dsm } from '../../nvme/spec/commands';
 import { DOORBELL_MODES, DoorbellPage, type DoorbellMode } from './doorbells';
 import { AdaptivePoller, DEFAULT_POLL_POLICY, type PollPolicy, type PollTarget } from '../../pci/poller';
-import { DSM_AD, DSM_RANGE_SIZE, ioCommand, type IoContext, type IoStats } from './io';
+import { ioCommand, type IoContext, type IoStats } from './io';
 import { copyFromGuestSync } from './prp';
 import { NVME_STATE_VERSION, RamNamespaceData, checkNvmeState, type CqState, type NvmeState, type SqState } from './state';
 import { CompletionQueue, ShadowDoorbells, SubmissionQueue, cqDoorbellIndex, sqDoorbellIndex } from './queues';
-import {
-  ADMIN_QUEUE_BASE_MASK_LO,
-  AQA_WRITABLE,
-  Aqa,
-  BAR0_SIZE,
-  CC_WRITABLE,
-  Cc,
-  Csts,
-  DOORBELL_OFFSET,
-  MPSMAX,
-  MPSMIN,
-  NVME_VERSION,
-  Reg,
-  SQE_SIZE,
-  Shn,
-  Shst,
-  capValue,
-  ccShutdown,
-} from './registers';
+import { ADMIN_QUEUE_BASE_MASK_LO, AQA_WRITABLE, Aqa, CC_WRITABLE, Cc, Csts, DOORBELL_OFFSET, Reg, Shn, Shst, ccShutdown } from '../../nvme/spec/registers';
+import { BAR0_SIZE, MPSMAX, MPSMIN, NVME_VERSION, capValue } from './registers';
 import { DEFERRED, type HandlerResult, type Request } from './request';
-import { Dlfeat, Oacs, Oncs, VWC_FLUSH_BROADCAST, VWC_PRESENT, type ControllerIdentity, type HealthCounters, type NamespaceIdentity } from './structs';
+import { Dlfeat, Oacs, Oncs, Sqe, VWC_FLUSH_BROADCAST, VWC_PRESENT } from '../../nvme/spec/structs';
+import type { ControllerIdentity, HealthCounters, NamespaceIdentity } from './builders';
 
 /** Options of {@link NvmeController}. */
 export interface NvmeControllerOptions {
@@ -550,7 +535,7 @@ export class NvmeController extends PciDevice implements AdminContext, IoContext
     this.pageSizeValue = 1 << (12 + mps);
     const dma = this.dma;
     const cq = new CompletionQueue(dma, 0, acqs, acq, 0, true);
-    const sq = new SubmissionQueue(dma, 0, asqs, asq, cq, SQE_SIZE);
+    const sq = new SubmissionQueue(dma, 0, asqs, asq, cq, Sqe.SIZE);
     cq.sqCount = 1;
     this.cqs[0] = cq;
     this.sqs[0] = sq;
@@ -878,7 +863,7 @@ export class NvmeController extends PciDevice implements AdminContext, IoContext
     }
     for (const q of s.sqs) {
       const cq = this.cqs[q.cq]!;
-      const sq = new SubmissionQueue(dma, q.id, q.size, q.iova, cq, SQE_SIZE);
+      const sq = new SubmissionQueue(dma, q.id, q.size, q.iova, cq, Sqe.SIZE);
       sq.head = q.head;
       sq.tail = q.tail;
       sq.lastDoorbell = q.lastDoorbell;
@@ -1177,7 +1162,7 @@ export class NvmeController extends PciDevice implements AdminContext, IoContext
   }
 
   createSq(qid: number, size: number, iova: number, cq: CompletionQueue): number {
-    const sq = new SubmissionQueue(this.dma, qid, size, iova, cq, SQE_SIZE);
+    const sq = new SubmissionQueue(this.dma, qid, size, iova, cq, Sqe.SIZE);
     if (!sq.ring.reachable()) return Status.INVALID_FIELD;
     this.sqs[qid] = sq;
     this.activeSqs.push(sq);
@@ -1333,16 +1318,16 @@ export class NvmeController extends PciDevice implements AdminContext, IoContext
       if (req.cdw11 > 0x1f_ffff) return;
       const slba = req.cdw11 * 0x1_0000_0000 + req.cdw10;
       data.mark(slba * this.blockSize, ((req.cdw12 & 0xffff) + 1) * this.blockSize);
-    } else if (op === IoOpcode.DSM && (req.cdw11 & DSM_AD) !== 0) {
+    } else if (op === IoOpcode.DSM && (req.cdw11 & Dsm.AD) !== 0) {
       // The ranges are still in guest memory; if they cannot be read now, everything goes again.
       const count = (req.cdw10 & 0xff) + 1;
-      const list = dsmScratch.subarray(0, count * DSM_RANGE_SIZE);
+      const list = dsmScratch.subarray(0, count * Dsm.RANGE_BYTES);
       if (req.segs.count === 0 || copyFromGuestSync(this.dma, req.segs, list) !== Status.SUCCESS) {
         data.markAll();
         return;
       }
       for (let i = 0; i < count; i++) {
-        const at = i * DSM_RANGE_SIZE;
+        const at = i * Dsm.RANGE_BYTES;
         const hi = list.readUInt32LE(at + 12);
         if (hi > 0x1f_ffff) continue;
         data.mark((hi * 0x1_0000_0000 + list.readUInt32LE(at + 8)) * this.blockSize, list.readUInt32LE(at + 4) * this.blockSize);
@@ -1529,4 +1514,4 @@ function deriveIds(serial: string, model: string): { nguid: Buffer; eui64: Buffe
 }
 
 /** Scratch for a Dataset Management range list re-read for the dirty log (256 ranges). */
-const dsmScratch = Buffer.alloc(256 * DSM_RANGE_SIZE);
+const dsmScratch = Buffer.alloc(Dsm.MAX_RANGES * Dsm.RANGE_BYTES);

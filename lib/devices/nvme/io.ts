@@ -14,28 +14,12 @@
  */
 import { DmaError, type DmaSpace } from '../../server/dma';
 import { zeroRange, type BlockBackend } from '../../block/backend';
-import { IoOpcode, NSID_ALL, Status } from './constants';
+import { Dsm, Rw } from '../../nvme/spec/commands';
+import { IoOpcode, NSID_ALL, Status } from '../../nvme/spec/constants';
 import { copyFromGuest, copyFromGuestSync, mapPrp } from './prp';
 import type { HandlerResult, Request } from './request';
-import { SQE_FUSE_MASK, SQE_PSDT_MASK } from './structs';
+import { SQE_FUSE_MASK, SQE_PSDT_MASK } from '../../nvme/spec/structs';
 import { NSID } from './admin';
-
-/** CDW12 of Read/Write/Compare/Write Zeroes. */
-export const Rw = {
-  /** Number of Logical Blocks, 0's based (bits 15:0). */
-  NLB_MASK: 0xffff,
-  /** Deallocate (Write Zeroes, bit 25). */
-  DEAC: 1 << 25,
-  /** Force Unit Access (bit 30). */
-  FUA: 1 << 30,
-  /** Limited Retry (bit 31). */
-  LR: 1 << 31,
-} as const;
-
-/** Dataset Management CDW11 attribute: Deallocate (bit 2). */
-export const DSM_AD = 1 << 2;
-/** Size of one Dataset Management range. */
-export const DSM_RANGE_SIZE = 16;
 
 /** SMART counters the I/O path updates. */
 export interface IoStats {
@@ -168,16 +152,16 @@ function writeZeroes(ctx: IoContext, req: Request): HandlerResult {
   return settle(ctx, req, () => zeroRange(backend, offset, length, fua), true);
 }
 
-/** Scratch for Dataset Management range lists (256 ranges of 16 bytes), parsed before any await. */
-const dsmScratch = Buffer.alloc(256 * DSM_RANGE_SIZE);
+/** Scratch for Dataset Management range lists, parsed before any await. */
+const dsmScratch = Buffer.alloc(Dsm.MAX_RANGES * Dsm.RANGE_BYTES);
 
 function datasetManagement(ctx: IoContext, req: Request): HandlerResult {
   if (req.nsid !== NSID) return Status.INVALID_NS;
   const count = (req.cdw10 & 0xff) + 1;
-  const bytes = count * DSM_RANGE_SIZE;
+  const bytes = count * Dsm.RANGE_BYTES;
   const status = mapPrp(ctx.dma, req.prp1, req.prp2, bytes, ctx.pageSize, req.segs);
   if (status !== Status.SUCCESS) return status;
-  const deallocate = (req.cdw11 & DSM_AD) !== 0;
+  const deallocate = (req.cdw11 & Dsm.AD) !== 0;
   const sync = copyFromGuestSync(ctx.dma, req.segs, dsmScratch.subarray(0, bytes));
   if (sync === null) {
     const list = Buffer.alloc(bytes);
@@ -190,7 +174,7 @@ function datasetManagement(ctx: IoContext, req: Request): HandlerResult {
 function deallocateRanges(ctx: IoContext, req: Request, list: Buffer, count: number, deallocate: boolean): HandlerResult {
   const ranges: number[] = [];
   for (let i = 0; i < count; i++) {
-    const at = i * DSM_RANGE_SIZE;
+    const at = i * Dsm.RANGE_BYTES;
     const nlb = list.readUInt32LE(at + 4);
     const hi = list.readUInt32LE(at + 12);
     const slba = hi > 0x1f_ffff ? -1 : hi * 0x1_0000_0000 + list.readUInt32LE(at + 8);

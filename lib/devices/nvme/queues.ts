@@ -19,7 +19,7 @@
  */
 import type { DmaRegion, DmaSpace } from '../../server/dma';
 import { Request } from './request';
-import { Cqe } from './structs';
+import { Cqe } from '../../nvme/spec/structs';
 
 /** A cached view of a ring (or any small structure) in guest memory. */
 export class QueueRing {

@@ -5,7 +5,7 @@
  *
  * @packageDocumentation
  */
-import { Sqe } from './structs';
+import { Sqe } from '../../nvme/spec/structs';
 import { Segments, Transfer, readU64 } from './prp';
 import type { SubmissionQueue } from './queues';
 

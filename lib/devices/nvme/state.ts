@@ -20,7 +20,7 @@
 import * as fs from 'node:fs';
 import { binding } from '../../native/binding';
 import type { RamBackend } from '../../block/ram';
-import type { ErrorRecord } from './structs';
+import type { ErrorRecord } from './builders';
 import { MigrationRefusedError, arrayField, boolField, fromBase64, intField, objectField, type BulkData } from '../../server/state-stream';
 
 /** Version of the JSON below; a destination refuses another. */

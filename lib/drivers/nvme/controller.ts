@@ -47,14 +47,14 @@ import type { DmaMemory } from '../../client/dma';
 import { PciFunction } from '../../client/pci';
 import { ClassCode } from '../../pci/ids';
 import { PciIrq, PciRegion } from '../../protocol/constants';
-import { AdminOpcode, Cns, FeatureId } from '../../devices/nvme/constants';
-import { Oacs } from '../../devices/nvme/structs';
-import { IDENTIFY_SIZE } from '../../devices/nvme/structs';
+import { AdminOpcode, Cns, FeatureId } from '../../nvme/spec/constants';
+import { Aqa, Cc, Csts, Reg, Shn, Shst, sqTailDoorbell } from '../../nvme/spec/registers';
+import { IDENTIFY_SIZE, Oacs } from '../../nvme/spec/structs';
 import { IoEventfdDoorbells, MappedDoorbells, MessageDoorbells, ShadowDoorbells, type DoorbellKind, type DoorbellWriter } from './doorbells';
 import { NvmeAbortedError } from './errors';
 import { parseIdentifyController, parseIdentifyNamespace, parseNamespaceList, type IdentifyController, type NamespaceInfo } from './identify';
 import { QueuePair, queueDeleted, type CompletionMode, type Completion, type NvmeCommand, type SubmitOptions } from './queue';
-import { Aqa, Cc, Csts, Reg, Shn, Shst, decodeCap, decodeVersion, enableValue, sqTailDoorbell, type ControllerCapabilities, type ControllerVersion } from './registers';
+import { decodeCap, decodeVersion, enableValue, type ControllerCapabilities, type ControllerVersion } from './registers';
 
 const debug = debuglog('vfio-user:nvme');
 

@@ -14,23 +14,15 @@
  *
  * @packageDocumentation
  */
-import { IoOpcode } from '../../devices/nvme/constants';
+import { Dsm, Rw } from '../../nvme/spec/commands';
+import { IoOpcode } from '../../nvme/spec/constants';
 import type { NvmeDriver } from './controller';
 import type { NamespaceInfo } from './identify';
 import { dmaSlice, type DataRef } from './prp';
 import type { Completion, NvmeRequest, QueuePair } from './queue';
 
-import { Rw } from '../../devices/nvme/io';
-
-/** CDW12 bits of Read, Write and Write Zeroes (the same spec fields the controller decodes). */
-export { Rw };
-
-/** Dataset Management: CDW11 Attribute - Deallocate (bit 2); 16-byte ranges, at most 256. */
-export const Dsm = {
-  AD: 1 << 2,
-  RANGE_BYTES: 16,
-  MAX_RANGES: 256,
-} as const;
+/** The command dword fields of Read, Write, Write Zeroes and Dataset Management (lib/nvme/spec). */
+export { Dsm, Rw };
 
 /** Most blocks one Read/Write/Write Zeroes command can name (NLB is 16 bits, 0's based). */
 export const MAX_BLOCKS_PER_COMMAND = 0x10000;

@@ -1,17 +1,17 @@
 /**
  * The controller registers as a host driver reads them (NVM Express Base 1.4, section 3.1).
  *
- * Offsets, bit fields and the queue entry layouts are the controller model's own definitions
- * (`lib/devices/nvme/registers.ts`, `constants.ts`, `structs.ts`): one spelling of the spec for
- * both sides. What a driver needs on top lives here: decoding CAP and VS of *any* controller
- * (its doorbell stride, page sizes and timeout, not the ones our model happens to choose), and
- * doorbell offsets for that stride.
+ * Offsets, bit fields and the doorbell formula are the specification's (lib/nvme/spec), one
+ * spelling for the controller model and the driver. What a driver needs on top lives here: decoding
+ * CAP and VS of *any* controller (its doorbell stride, page sizes and timeout, not the ones our
+ * model happens to choose), and the CC value that enables it.
  *
  * @packageDocumentation
  */
-import { Aqa, CapHi, CapLo, Cc, Csts, Reg, Shn, Shst, DOORBELL_OFFSET } from '../../devices/nvme/registers';
+import { CapHi, CapLo, Cc } from '../../nvme/spec/registers';
 
-export { Aqa, Cc, Csts, Reg, Shn, Shst, DOORBELL_OFFSET };
+/** Doorbell offsets for a controller's stride (the formula is the specification's). */
+export { cqHeadDoorbell, sqTailDoorbell } from '../../nvme/spec/registers';
 
 /** Controller Capabilities, decoded (CAP, offset 0x00). */
 export interface ControllerCapabilities {
@@ -72,16 +72,6 @@ export function decodeVersion(vs: number): ControllerVersion {
 /** `1.4.0`-style text of a version. */
 export function versionString(v: ControllerVersion): string {
   return `${String(v.major)}.${String(v.minor)}.${String(v.tertiary)}`;
-}
-
-/** Offset in BAR0 of the Submission Queue `qid` Tail doorbell for a doorbell stride in bytes. */
-export function sqTailDoorbell(qid: number, stride: number): number {
-  return DOORBELL_OFFSET + 2 * qid * stride;
-}
-
-/** Offset in BAR0 of the Completion Queue `qid` Head doorbell. */
-export function cqHeadDoorbell(qid: number, stride: number): number {
-  return DOORBELL_OFFSET + (2 * qid + 1) * stride;
 }
 
 /**

@@ -1,19 +1,10 @@
 /**
- * NVMe controller registers in BAR0 (NVM Express Base Specification 1.4, section 3.1), with their
- * bit fields and the reset values this model uses.
+ * The controller registers in BAR0 (NVM Express Base Specification 1.4, section 3.1): offsets, bit
+ * fields and the doorbell formula, as both a controller model and a host driver read them. What a
+ * particular controller chooses (its CAP values, doorbell stride, BAR size) is not here.
  *
- * BAR0 layout of this controller (8 KiB, 64-bit memory BAR):
- *
- * | offset          | what                                                            |
- * |-----------------|-----------------------------------------------------------------|
- * | 0x0000 - 0x0fff | controller registers (CAP ... CMBSTS, PMR*), always trapped     |
- * | 0x1000 - 0x1fff | doorbells: SQyTDBL, CQyHDBL for y = 0..64 (DSTRD = 0: 4 bytes)  |
- *
- * The doorbell page can be offered to the client as a sparse mmap area (see `doorbells.ts`); the
- * MSI-X table and PBA live in BAR4, so nothing else shares the doorbell page.
- *
- * 64-bit registers (CAP, ASQ, ACQ, ...) are handled as two dwords: drivers access them with two
- * 32-bit accesses or one 64-bit access, and the client forwards either.
+ * 64-bit registers (CAP, ASQ, ACQ, ...) are given as the offset of their low dword; the high dword
+ * follows at + 4.
  *
  * @packageDocumentation
  */
@@ -60,26 +51,17 @@ export const Reg = {
 
 /** Start of the doorbell registers in BAR0. */
 export const DOORBELL_OFFSET = 0x1000;
-/** Size of the register page (everything below the doorbells). */
-export const REGISTER_PAGE_SIZE = 0x1000;
-/** Size of BAR0: the register page plus one page of doorbells. */
-export const BAR0_SIZE = 0x2000;
-/** Size of the doorbell page (room for 1024 doorbells at stride 4, i.e. 512 queue pairs). */
-export const DOORBELL_PAGE_SIZE = BAR0_SIZE - DOORBELL_OFFSET;
+/** Doorbell stride of CAP.DSTRD = 0, the smallest: doorbells `4 << DSTRD` bytes apart. */
+export const MIN_DOORBELL_STRIDE = 4;
 
-/** Doorbell stride exponent: doorbells are `4 << DSTRD` bytes apart. */
-export const DSTRD = 0;
-/** Bytes between doorbells. */
-export const DOORBELL_STRIDE = 4 << DSTRD;
-
-/** Offset (in BAR0) of the Submission Queue `qid` Tail Doorbell. */
-export function sqTailDoorbell(qid: number): number {
-  return DOORBELL_OFFSET + 2 * qid * DOORBELL_STRIDE;
+/** Offset in BAR0 of the Submission Queue `qid` Tail Doorbell, for a doorbell stride in bytes. */
+export function sqTailDoorbell(qid: number, stride = MIN_DOORBELL_STRIDE): number {
+  return DOORBELL_OFFSET + 2 * qid * stride;
 }
 
-/** Offset (in BAR0) of the Completion Queue `qid` Head Doorbell. */
-export function cqHeadDoorbell(qid: number): number {
-  return DOORBELL_OFFSET + (2 * qid + 1) * DOORBELL_STRIDE;
+/** Offset in BAR0 of the Completion Queue `qid` Head Doorbell, for a doorbell stride in bytes. */
+export function cqHeadDoorbell(qid: number, stride = MIN_DOORBELL_STRIDE): number {
+  return DOORBELL_OFFSET + (2 * qid + 1) * stride;
 }
 
 /**
@@ -194,35 +176,6 @@ export const ADMIN_QUEUE_BASE_MASK_LO = 0xfffff000;
 /** Version: major in bits 31:16, minor in 15:8, tertiary in 7:0. */
 export function version(major: number, minor: number, tertiary = 0): number {
   return ((major << 16) | (minor << 8) | tertiary) >>> 0;
-}
-
-/** VS reported by this controller: NVMe 1.4.0. */
-export const NVME_VERSION = version(1, 4, 0);
-
-/** Memory page size the controller supports: 4 KiB (MPSMIN) up to 64 KiB (MPSMAX). */
-export const MPSMIN = 0;
-export const MPSMAX = 4;
-
-/** Submission and completion queue entry sizes (log2): 64 and 16 bytes, the only ones supported. */
-export const SQES = 6;
-export const CQES = 4;
-export const SQE_SIZE = 1 << SQES;
-export const CQE_SIZE = 1 << CQES;
-
-/** Parameters of CAP that the controller chooses. */
-export interface CapParams {
-  /** Largest queue size, in entries (MQES + 1), 2..65536. */
-  maxQueueEntries: number;
-  /** Timeout for CSTS.RDY transitions in milliseconds (rounded up to 500 ms units, max 127.5 s). */
-  timeoutMs: number;
-}
-
-/** CAP as two dwords: [bits 31:0, bits 63:32]. */
-export function capValue(p: CapParams): [number, number] {
-  const to = Math.min(255, Math.max(1, Math.ceil(p.timeoutMs / 500)));
-  const lo = ((p.maxQueueEntries - 1) & CapLo.MQES_MASK) | CapLo.CQR | (to << CapLo.TO_SHIFT);
-  const hi = (DSTRD << CapHi.DSTRD_SHIFT) | CapHi.CSS_NVM | (MPSMIN << CapHi.MPSMIN_SHIFT) | (MPSMAX << CapHi.MPSMAX_SHIFT);
-  return [lo >>> 0, hi >>> 0];
 }
 
 /** Page size selected by a CC value, in bytes. */
