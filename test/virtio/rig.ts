@@ -54,6 +54,64 @@ export interface VirtioLayout {
   pciCfg: number; // config-space offset of the PCI_CFG capability
 }
 
+/** What a {@link DriverQueue} needs of its driver: guest memory (addresses are offsets in it), an allocator, the layout and BAR4 writes. */
+export interface QueueHost {
+  readonly mem: Buffer;
+  readonly layout: VirtioLayout;
+  alloc(bytes: number, align?: number): number;
+  barWrite(offset: number, data: Buffer): void;
+}
+
+/** A virtio vendor capability (cfg_type -> where its structure is, and where the capability is). */
+export interface VirtioCap {
+  bar: number;
+  offset: number;
+  length: number;
+  /** The dword after the capability (notify_off_multiplier for NOTIFY_CFG), else 0. */
+  extra: number;
+  /** Config-space offset of the capability. */
+  at: number;
+}
+
+/** Every virtio vendor capability in a config-space snapshot (the first of each cfg_type), walking the list as a driver does. */
+export function parseVirtioCaps(config: Buffer): Map<number, VirtioCap> {
+  const out = new Map<number, VirtioCap>();
+  const seen = new Set<number>();
+  let at = config[0x34]!;
+  while (at !== 0 && !seen.has(at) && at + 20 <= config.length) {
+    seen.add(at);
+    const hdr = config.subarray(at, at + 20);
+    if (hdr[0] === 0x09 && !out.has(hdr[PciCap.CFG_TYPE]!)) {
+      out.set(hdr[PciCap.CFG_TYPE]!, {
+        bar: hdr[PciCap.BAR]!,
+        offset: hdr.readUInt32LE(PciCap.OFFSET),
+        length: hdr.readUInt32LE(PciCap.LENGTH),
+        extra: hdr[PciCap.CAP_LEN]! >= 20 ? hdr.readUInt32LE(16) : 0,
+        at,
+      });
+    }
+    at = hdr[1]!;
+  }
+  return out;
+}
+
+/** The BAR4 offsets of the virtio structures, from the capabilities. */
+export function virtioLayout(caps: Map<number, VirtioCap>): VirtioLayout {
+  const get = (t: number) => {
+    const c = caps.get(t);
+    if (c === undefined) throw new Error(`virtio capability ${t} missing`);
+    return c;
+  };
+  return {
+    common: get(PciCapType.COMMON_CFG).offset,
+    isr: get(PciCapType.ISR_CFG).offset,
+    device: get(PciCapType.DEVICE_CFG).offset,
+    notify: get(PciCapType.NOTIFY_CFG).offset,
+    multiplier: get(PciCapType.NOTIFY_CFG).extra,
+    pciCfg: get(PciCapType.PCI_CFG).at,
+  };
+}
+
 /** The driver's side of one split virtqueue. */
 export class DriverQueue {
   availIdx = 0;
@@ -63,7 +121,7 @@ export class DriverQueue {
   private readonly chains = new Map<number, number[]>();
 
   constructor(
-    readonly rig: VirtioRig,
+    readonly rig: QueueHost,
     readonly index: number,
     readonly size: number,
     readonly desc: number,
@@ -345,40 +403,12 @@ export class VirtioRig<D extends VirtioPciDevice<any> = VirtioPciDevice> {
   }
 
   /** Every virtio vendor capability: cfg_type -> {bar, offset, length, extra dword, config offset}. */
-  virtioCaps(): Map<number, { bar: number; offset: number; length: number; extra: number; at: number }> {
-    const out = new Map<number, { bar: number; offset: number; length: number; extra: number; at: number }>();
-    let at = this.configRead(0x34, 1)[0]!;
-    while (at !== 0) {
-      const hdr = this.configRead(at, 20);
-      if (hdr[0] === 0x09 && !out.has(hdr[PciCap.CFG_TYPE]!)) {
-        out.set(hdr[PciCap.CFG_TYPE]!, {
-          bar: hdr[PciCap.BAR]!,
-          offset: hdr.readUInt32LE(PciCap.OFFSET),
-          length: hdr.readUInt32LE(PciCap.LENGTH),
-          extra: hdr[PciCap.CAP_LEN]! >= 20 ? hdr.readUInt32LE(16) : 0,
-          at,
-        });
-      }
-      at = hdr[1]!;
-    }
-    return out;
+  virtioCaps(): Map<number, VirtioCap> {
+    return parseVirtioCaps(this.configRead(0, 256));
   }
 
   private findLayout(): VirtioLayout {
-    const caps = this.virtioCaps();
-    const get = (t: number) => {
-      const c = caps.get(t);
-      if (c === undefined) throw new Error(`virtio capability ${t} missing`);
-      return c;
-    };
-    return {
-      common: get(PciCapType.COMMON_CFG).offset,
-      isr: get(PciCapType.ISR_CFG).offset,
-      device: get(PciCapType.DEVICE_CFG).offset,
-      notify: get(PciCapType.NOTIFY_CFG).offset,
-      multiplier: get(PciCapType.NOTIFY_CFG).extra,
-      pciCfg: get(PciCapType.PCI_CFG).at,
-    };
+    return virtioLayout(this.virtioCaps());
   }
 
   /** Enables MSI-X in config space and gives vectors [0, count) eventfds (what QEMU does). */
