@@ -22,8 +22,8 @@ import {
   Status,
 } from '../../nvme/spec/constants';
 import { copyToGuest, copyToGuestSync, mapPrp } from './prp';
-import type { CompletionQueue, SubmissionQueue } from './queues';
-import { DEFERRED, type HandlerResult, type Request } from './request';
+import type { CompletionQueue, QueuedRequest, SubmissionQueue } from './queues';
+import { DEFERRED, type HandlerResult } from './request';
 import { ErrorLogEntry, FwSlotLog, IDENTIFY_SIZE, IdCtrlNvm, SQE_FUSE_MASK, SQE_PSDT_MASK, SmartLog } from '../../nvme/spec/structs';
 import {
   writeErrorLogEntry,
@@ -78,7 +78,7 @@ export interface AdminContext {
   /** The composite temperature or thresholds changed: re-evaluate the temperature warning. */
   temperatureChanged(): void;
   /** Posts the completion of a request that a handler deferred. */
-  finish(req: Request, status: number): void;
+  finish(req: QueuedRequest, status: number): void;
 }
 
 // ---- features ----
@@ -201,7 +201,7 @@ interface PendingEvent {
  * further events of that type wait until the host reads the associated log page (with RAE clear).
  */
 export class AsyncEvents {
-  private readonly outstanding: Request[] = [];
+  private readonly outstanding: QueuedRequest[] = [];
   private readonly queue: PendingEvent[] = [];
   /** Bit per event type: reported, log page not read yet. */
   private masked = 0;
@@ -209,7 +209,7 @@ export class AsyncEvents {
   constructor(
     /** AERL + 1. */
     readonly limit: number,
-    private readonly complete: (req: Request, status: number) => void,
+    private readonly complete: (req: QueuedRequest, status: number) => void,
   ) {}
 
   get waiting(): number {
@@ -217,7 +217,7 @@ export class AsyncEvents {
   }
 
   /** An Asynchronous Event Request arrived. */
-  submit(req: Request): number {
+  submit(req: QueuedRequest): number {
     if (this.outstanding.length >= this.limit) return Status.ASYNC_LIMIT;
     this.outstanding.push(req);
     this.deliver();
@@ -252,7 +252,7 @@ export class AsyncEvents {
   }
 
   /** Takes the state of a {@link snapshot}, with `outstanding` rebuilt as requests of the admin queue. */
-  restore(outstanding: Request[], queue: readonly { type: number; info: number; log: number }[], masked: number): void {
+  restore(outstanding: QueuedRequest[], queue: readonly { type: number; info: number; log: number }[], masked: number): void {
     this.outstanding.length = 0;
     this.outstanding.push(...outstanding);
     this.queue.length = 0;
@@ -283,7 +283,7 @@ export class AsyncEvents {
 // ---- dispatch ----
 
 /** Runs one admin command. */
-export function adminCommand(ctx: AdminContext, req: Request): HandlerResult {
+export function adminCommand(ctx: AdminContext, req: QueuedRequest): HandlerResult {
   if ((req.flags & (SQE_FUSE_MASK | SQE_PSDT_MASK)) !== 0) return Status.INVALID_FIELD;
   switch (req.opcode) {
     case AdminOpcode.IDENTIFY:
@@ -317,7 +317,7 @@ export function adminCommand(ctx: AdminContext, req: Request): HandlerResult {
 const scratch = Buffer.alloc(IDENTIFY_SIZE);
 
 /** Sends `length` bytes of `src` to the command's PRPs. */
-function sendData(ctx: AdminContext, req: Request, src: Buffer, length: number): HandlerResult {
+function sendData(ctx: AdminContext, req: QueuedRequest, src: Buffer, length: number): HandlerResult {
   if (length > ctx.maxTransfer) return Status.INVALID_FIELD;
   const status = mapPrp(ctx.dma, req.prp1, req.prp2, length, ctx.pageSize, req.segs);
   if (status !== Status.SUCCESS) return status;
@@ -328,7 +328,7 @@ function sendData(ctx: AdminContext, req: Request, src: Buffer, length: number):
   return copyToGuest(ctx.dma, req.segs, Buffer.from(data));
 }
 
-function identify(ctx: AdminContext, req: Request): HandlerResult {
+function identify(ctx: AdminContext, req: QueuedRequest): HandlerResult {
   const cns = req.cdw10 & 0xff;
   const csi = req.cdw11 >>> 24;
   const nsid = req.nsid;
@@ -375,7 +375,7 @@ function identify(ctx: AdminContext, req: Request): HandlerResult {
 // ---- queues ----
 
 /** Common checks of Create I/O SQ/CQ; a status or SUCCESS. */
-function checkQueueShape(ctx: AdminContext, req: Request, size: number): number {
+function checkQueueShape(ctx: AdminContext, req: QueuedRequest, size: number): number {
   if (size < 2 || size > ctx.maxQueueEntries) return Status.QUEUE_SIZE;
   if ((req.cdw11 & 0x1) === 0) return Status.INVALID_FIELD; // CAP.CQR: physically contiguous only
   if (req.prp1 < 0) return Status.INVALID_FIELD;
@@ -383,7 +383,7 @@ function checkQueueShape(ctx: AdminContext, req: Request, size: number): number 
   return Status.SUCCESS;
 }
 
-function createCq(ctx: AdminContext, req: Request): HandlerResult {
+function createCq(ctx: AdminContext, req: QueuedRequest): HandlerResult {
   const qid = req.cdw10 & 0xffff;
   const size = (req.cdw10 >>> 16) + 1;
   const ien = (req.cdw11 & 0x2) !== 0;
@@ -395,7 +395,7 @@ function createCq(ctx: AdminContext, req: Request): HandlerResult {
   return ctx.createCq(qid, size, req.prp1, vector, ien);
 }
 
-function createSq(ctx: AdminContext, req: Request): HandlerResult {
+function createSq(ctx: AdminContext, req: QueuedRequest): HandlerResult {
   const qid = req.cdw10 & 0xffff;
   const size = (req.cdw10 >>> 16) + 1;
   const cqid = req.cdw11 >>> 16;
@@ -407,7 +407,7 @@ function createSq(ctx: AdminContext, req: Request): HandlerResult {
   return ctx.createSq(qid, size, req.prp1, cq);
 }
 
-function deleteSq(ctx: AdminContext, req: Request): HandlerResult {
+function deleteSq(ctx: AdminContext, req: QueuedRequest): HandlerResult {
   const qid = req.cdw10 & 0xffff;
   const sq = qid === 0 ? null : ctx.sq(qid);
   if (sq === null) return Status.QID_INVALID;
@@ -415,7 +415,7 @@ function deleteSq(ctx: AdminContext, req: Request): HandlerResult {
   return DEFERRED;
 }
 
-function deleteCq(ctx: AdminContext, req: Request): HandlerResult {
+function deleteCq(ctx: AdminContext, req: QueuedRequest): HandlerResult {
   const qid = req.cdw10 & 0xffff;
   const cq = qid === 0 ? null : ctx.cq(qid);
   if (cq === null) return Status.QID_INVALID;
@@ -424,7 +424,7 @@ function deleteCq(ctx: AdminContext, req: Request): HandlerResult {
   return Status.SUCCESS;
 }
 
-function abort(ctx: AdminContext, req: Request): HandlerResult {
+function abort(ctx: AdminContext, req: QueuedRequest): HandlerResult {
   const sqid = req.cdw10 & 0xffff;
   const cid = req.cdw10 >>> 16;
   // Only requests that have not started can be aborted: outstanding AERs. Anything else is
@@ -487,7 +487,7 @@ function featureValue(ctx: AdminContext, fid: number, cdw11: number, f: Features
   }
 }
 
-function getFeatures(ctx: AdminContext, req: Request): HandlerResult {
+function getFeatures(ctx: AdminContext, req: QueuedRequest): HandlerResult {
   const fid = req.cdw10 & 0xff;
   const sel = (req.cdw10 >>> 8) & 0x7;
   if (!SUPPORTED_FEATURES.has(fid)) return Status.INVALID_FIELD;
@@ -505,7 +505,7 @@ function getFeatures(ctx: AdminContext, req: Request): HandlerResult {
   return Status.SUCCESS;
 }
 
-function setFeatures(ctx: AdminContext, req: Request): HandlerResult {
+function setFeatures(ctx: AdminContext, req: QueuedRequest): HandlerResult {
   const fid = req.cdw10 & 0xff;
   const save = (req.cdw10 >>> 31) !== 0;
   const v = req.cdw11;
@@ -573,7 +573,7 @@ function setFeatures(ctx: AdminContext, req: Request): HandlerResult {
 /** Log pages larger than the scratch buffer are built here. */
 let logBuffer = Buffer.alloc(IDENTIFY_SIZE);
 
-function getLogPage(ctx: AdminContext, req: Request): HandlerResult {
+function getLogPage(ctx: AdminContext, req: QueuedRequest): HandlerResult {
   const lid = req.cdw10 & 0xff;
   const rae = (req.cdw10 & 0x8000) !== 0;
   const numd = ((((req.cdw11 & 0xffff) << 16) | (req.cdw10 >>> 16)) >>> 0) + 1;

@@ -45,10 +45,10 @@ import { AdaptivePoller, DEFAULT_POLL_POLICY, type PollPolicy, type PollTarget }
 import { ioCommand, type IoContext, type IoStats } from './io';
 import { copyFromGuestSync } from './prp';
 import { NVME_STATE_VERSION, RamNamespaceData, checkNvmeState, type CqState, type NvmeState, type SqState } from './state';
-import { CompletionQueue, ShadowDoorbells, SubmissionQueue, cqDoorbellIndex, sqDoorbellIndex } from './queues';
+import { CompletionQueue, ShadowDoorbells, SubmissionQueue, cqDoorbellIndex, sqDoorbellIndex, type QueuedRequest } from './queues';
 import { ADMIN_QUEUE_BASE_MASK_LO, AQA_WRITABLE, Aqa, CC_WRITABLE, Cc, Csts, DOORBELL_OFFSET, Reg, Shn, Shst, ccShutdown } from '../../nvme/spec/registers';
 import { BAR0_SIZE, MPSMAX, MPSMIN, NVME_VERSION, capValue } from './registers';
-import { DEFERRED, type HandlerResult, type Request } from './request';
+import { DEFERRED, type HandlerResult } from './request';
 import { Dlfeat, Oacs, Oncs, Sqe, VWC_FLUSH_BROADCAST, VWC_PRESENT } from '../../nvme/spec/structs';
 import type { ControllerIdentity, HealthCounters, NamespaceIdentity } from './builders';
 
@@ -170,7 +170,7 @@ export class NvmeController extends PciDevice implements AdminContext, IoContext
   };
   private readonly irqCqs: CompletionQueue[] = [];
   /** The admin command being executed (its CID is what a deferred Delete I/O SQ is saved with). */
-  private executingAdmin: Request | null = null;
+  private executingAdmin: QueuedRequest | null = null;
   /** Delete I/O SQ commands waiting for their queue's commands, by queue: the command's CID. */
   private readonly deletions = new Map<SubmissionQueue, number>();
   private irqFlushQueued = false;
@@ -1289,7 +1289,7 @@ export class NvmeController extends PciDevice implements AdminContext, IoContext
   }
 
   /** Posts a command's completion (now, or when its CQ has room); drops it after a reset. */
-  finish(req: Request, status: number): void {
+  finish(req: QueuedRequest, status: number): void {
     const sq = req.sq;
     // A migration's dirty log: data written, even by a command a reset dropped, goes again.
     if (this.ramData !== null && sq.id !== 0 && this.ramData.tracking) this.noteWritten(req);
@@ -1311,7 +1311,7 @@ export class NvmeController extends PciDevice implements AdminContext, IoContext
   }
 
   /** Logs the blocks a completed I/O command may have changed (RAM namespace, while migrating). */
-  private noteWritten(req: Request): void {
+  private noteWritten(req: QueuedRequest): void {
     const data = this.ramData!;
     const op = req.opcode;
     if (op === IoOpcode.WRITE || op === IoOpcode.WRITE_ZEROES) {
@@ -1335,7 +1335,7 @@ export class NvmeController extends PciDevice implements AdminContext, IoContext
     }
   }
 
-  private post(req: Request): boolean {
+  private post(req: QueuedRequest): boolean {
     const sq = req.sq;
     const cq = sq.cq;
     if (!cq.post(req.dw0, req.dw1, sq.head, sq.id, req.cid, req.status)) {
@@ -1351,7 +1351,7 @@ export class NvmeController extends PciDevice implements AdminContext, IoContext
     return true;
   }
 
-  private recordError(req: Request, status: number): void {
+  private recordError(req: QueuedRequest, status: number): void {
     const code = statusCode(status);
     if (code === statusCode(Status.ABORT_REQ) || code === statusCode(Status.ABORT_QUEUE)) return;
     this.errors.record({ sqid: req.sq.id, cid: req.cid, status, location: 0xffff, lba: req.lba, nsid: req.nsid });
@@ -1359,7 +1359,7 @@ export class NvmeController extends PciDevice implements AdminContext, IoContext
   }
 
   /** A backend operation failed (IoContext). */
-  backendError(req: Request, err: unknown): void {
+  backendError(req: QueuedRequest, err: unknown): void {
     this.trace?.(`nvme: backend error for opcode 0x${hex(req.opcode, 2)} at LBA ${req.lba}: ${(err as Error)?.message ?? String(err)}`);
   }
 

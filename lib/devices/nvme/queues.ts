@@ -21,6 +21,9 @@ import type { DmaRegion, DmaSpace } from '../../server/dma';
 import { Request } from './request';
 import { Cqe } from '../../nvme/spec/structs';
 
+/** A command fetched from a {@link SubmissionQueue}, which it is posted through and returned to. */
+export type QueuedRequest = Request<SubmissionQueue>;
+
 /** A cached view of a ring (or any small structure) in guest memory. */
 export class QueueRing {
   private region: DmaRegion | null = null;
@@ -111,7 +114,7 @@ export class CompletionQueue {
   /** Submission queues that post here (a CQ with SQs cannot be deleted). */
   sqCount = 0;
   /** Completions waiting for room (the CQ was full), in order. */
-  readonly waiting: Request[] = [];
+  readonly waiting: QueuedRequest[] = [];
   /** Entries posted since the last interrupt decision. */
   posted = 0;
   /** Last values seen in the mmap'd doorbell page and in the shadow doorbell. */
@@ -194,7 +197,7 @@ export class SubmissionQueue {
   /** The host has moved this queue's shadow doorbell since it was configured (it uses shadows). */
   shadowUsed = false;
   readonly ring: QueueRing;
-  private readonly pool: Request[] = [];
+  private readonly pool: QueuedRequest[] = [];
 
   constructor(
     dma: DmaSpace,
@@ -225,10 +228,10 @@ export class SubmissionQueue {
   }
 
   /** Copies the entry at the head into a Request and advances the head; null if unreachable. */
-  fetch(): Request | null {
+  fetch(): QueuedRequest | null {
     const ring = this.ring;
     if (!ring.locate(this.head)) return null;
-    const req = this.pool.pop() ?? new Request(this);
+    const req = this.pool.pop() ?? new Request<SubmissionQueue>(this);
     req.load(ring.buf, ring.off);
     if (++this.head === this.size) this.head = 0;
     this.inflight++;
@@ -239,8 +242,8 @@ export class SubmissionQueue {
    * A command that was in flight on the migration source (an outstanding Asynchronous Event
    * Request, a completion waiting for room): taken from the pool as if fetched.
    */
-  restoreRequest(cid: number, opcode: number): Request {
-    const req = this.pool.pop() ?? new Request(this);
+  restoreRequest(cid: number, opcode: number): QueuedRequest {
+    const req = this.pool.pop() ?? new Request<SubmissionQueue>(this);
     req.opcode = opcode;
     req.flags = 0;
     req.cid = cid;
@@ -253,7 +256,7 @@ export class SubmissionQueue {
   }
 
   /** Returns a Request to the pool once its completion is posted (or dropped). */
-  recycle(req: Request): void {
+  recycle(req: QueuedRequest): void {
     req.done();
     this.inflight--;
     this.pool.push(req);

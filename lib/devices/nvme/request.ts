@@ -3,13 +3,16 @@
  * it is fetched, so the host may reuse the slot at once), its data segments and views, and its
  * result. Each submission queue keeps a pool of these, so fetching a command allocates nothing.
  *
+ * `Queue` is the type of the submission queue a request belongs to (queues.ts, where
+ * `QueuedRequest` names the pair): this module leaves it open so that it needs nothing of the queue
+ * that pools it, and the handlers that only read a command's fields (io.ts) need no queue at all.
+ *
  * @packageDocumentation
  */
 import { Sqe } from '../../nvme/spec/structs';
 import { Segments, Transfer, readU64 } from './prp';
-import type { SubmissionQueue } from './queues';
 
-export class Request {
+export class Request<Queue = unknown> {
   /** The controller generation it was fetched in; completions of an older one are dropped. */
   epoch = 0;
   opcode = 0;
@@ -47,7 +50,7 @@ export class Request {
   onSettled: ((status: number) => void) | null = null;
   onFailed: ((err: unknown) => void) | null = null;
 
-  constructor(readonly sq: SubmissionQueue) {}
+  constructor(readonly sq: Queue) {}
 
   /** Copies the 64-byte SQE at `offset` of `ring` (fixed-offset reads, no allocation). */
   load(ring: Buffer, offset: number): void {
