@@ -49,7 +49,9 @@ else framework();
 
 function framework() {
   const { VfioUserServer } = require('../dist/server/server.js');
-  VfioUserServer.listen(socketPath, device).then(
+  const at = process.argv.indexOf('--busy-poll');
+  const busyPollUs = at > 0 ? Number(process.argv[at + 1]) : 0;
+  VfioUserServer.listen(socketPath, device, { busyPollUs }).then(
     (server) => {
       server.on('error', (err) => console.error('server-peer: device error:', err));
       // Close once the client is gone and let the loop drain (so --cpu-prof writes its profile).

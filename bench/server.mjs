@@ -28,6 +28,7 @@ const seconds = Number(opt('--seconds', '3'));
 const rounds = Number(opt('--rounds', '1'));
 const jsonOut = opt('--json-out', null);
 const profDir = opt('--cpu-prof', null);
+const busyPollUs = Number(opt('--busy-poll-us', '50'));
 const TARGET = 0.9;
 
 /** Warn when dist/ (what the server runs) is older than the sources it was built from. */
@@ -50,9 +51,9 @@ function checkDist() {
 }
 
 /** Start our server (or the Node floor) pinned to `cpu`; resolves once it listens, to { exited }. */
-function startOurs(socketPath, cpu, floor) {
+function startOurs(socketPath, cpu, floor, busyPoll = 0) {
   const nodeArgs = profDir && !floor ? ['--cpu-prof', `--cpu-prof-dir=${resolve(profDir)}`] : [];
-  const peerArgs = floor ? [peer, socketPath, '--floor'] : [peer, socketPath];
+  const peerArgs = floor ? [peer, socketPath, '--floor'] : [peer, socketPath, '--busy-poll', String(busyPoll)];
   const child = spawn('taskset', ['-c', String(cpu), process.execPath, ...nodeArgs, ...peerArgs], { stdio: ['ignore', 'pipe', 'pipe'] });
   let stderr = '';
   child.stderr.setEncoding('utf8').on('data', (d) => { stderr += d; });
@@ -101,9 +102,9 @@ async function measureEcho(serverCpu, clientCpu) {
   });
 }
 
-async function measureOurs(serverCpu, clientCpu, floor = false) {
+async function measureOurs(serverCpu, clientCpu, floor = false, busyPoll = 0) {
   return withSocket(async (sock) => {
-    const srv = await startOurs(sock, serverCpu, floor);
+    const srv = await startOurs(sock, serverCpu, floor, busyPoll);
     try {
       return summary(await runClient(sock, { seconds, cpu: clientCpu }));
     } finally {
@@ -131,18 +132,22 @@ async function main() {
     const echo = [];
     const ours = [];
     const nodeFloor = [];
+    const busy = [];
     for (let i = 0; i < rounds; i++) {
       echo.push(await measureEcho(serverCpu, clientCpu));
       ours.push(await measureOurs(serverCpu, clientCpu));
+      if (busyPollUs > 0) busy.push(await measureOurs(serverCpu, clientCpu, false, busyPollUs));
       nodeFloor.push(await measureOurs(serverCpu, clientCpu, true));
     }
     const e = median(echo, 'roundTripsPerSec');
     const o = median(ours, 'roundTripsPerSec');
     const f = median(nodeFloor, 'roundTripsPerSec');
+    const b = busy.length > 0 ? median(busy, 'roundTripsPerSec') : null;
     results[name] = {
       serverCpu,
       clientCpu,
       ours: o,
+      ...(b ? { oursBusyPoll: { busyPollUs, ...b, ratio: +(b.roundTripsPerSec / e.roundTripsPerSec).toFixed(3) } } : {}),
       echo: e,
       nodeFloor: f,
       ratio: +(o.roundTripsPerSec / e.roundTripsPerSec).toFixed(3),
@@ -151,11 +156,13 @@ async function main() {
       ratioToNodeFloor: +(o.roundTripsPerSec / f.roundTripsPerSec).toFixed(3),
       nodeFloorRatio: +(f.roundTripsPerSec / e.roundTripsPerSec).toFixed(3),
       ...(rounds > 1
-        ? { rounds: { ours: ours.map((r) => r.roundTripsPerSec), echo: echo.map((r) => r.roundTripsPerSec), nodeFloor: nodeFloor.map((r) => r.roundTripsPerSec) } }
+        ? { rounds: { ours: ours.map((r) => r.roundTripsPerSec), oursBusyPoll: busy.map((r) => r.roundTripsPerSec), echo: echo.map((r) => r.roundTripsPerSec), nodeFloor: nodeFloor.map((r) => r.roundTripsPerSec) } }
         : {}),
     };
     process.stderr.write(
-      `${name}: ours ${o.roundTripsPerSec}/s (${o.usPerRoundTrip} us), echo ${e.roundTripsPerSec}/s (${e.usPerRoundTrip} us), ` +
+      `${name}: ours ${o.roundTripsPerSec}/s (${o.usPerRoundTrip} us), ` +
+        (b ? `busy-poll ${busyPollUs} us ${b.roundTripsPerSec}/s (${b.usPerRoundTrip} us), ` : '') +
+        `echo ${e.roundTripsPerSec}/s (${e.usPerRoundTrip} us), ` +
         `node floor ${f.roundTripsPerSec}/s (${f.usPerRoundTrip} us), ratio ${results[name].ratio}\n`,
     );
   }

@@ -1,8 +1,8 @@
 #!/usr/bin/env node
 // The standing soak: a hostile client against real servers, run as child processes through the
-// CLI exactly as a user starts them (`vfio-user serve gpio`, `serve nvme --size 64M`, and
-// `serve nvme --size 64M --doorbells mmap`). It sends mutated and random messages across many
-// connections, with random fds attached (memfd, eventfd, /dev/zero, a socket, a pipe), oversized,
+// CLI exactly as a user starts them (`vfio-user serve gpio`, `serve nvme --size 64M --busy-poll
+// 50`, `serve nvme --size 64M --doorbells mmap`, `serve virtio-blk`). It sends mutated and random
+// messages across many connections, with random fds attached (memfd, eventfd, /dev/zero, a socket, a pipe), oversized,
 // overlapping and > 4 GiB DMA maps, memory truncated under the server's feet, and NVMe register
 // and doorbell abuse on an enabled controller. After EVERY connection a fresh client must get a
 // VERSION reply and a config-space read within 5 s, and the server process must still be there.
@@ -76,7 +76,8 @@ const ATTACKS = {
 
 const SERVERS = {
   gpio: ['gpio'],
-  nvme: ['nvme', '--size', '64M'],
+  // Busy polling here: the hostile client's traffic also goes through the poller's busy turns.
+  nvme: ['nvme', '--size', '64M', '--busy-poll', '50'],
   'nvme-mmap': ['nvme', '--size', '64M', '--doorbells', 'mmap'],
   'virtio-blk': ['virtio-blk', '--size', '64M', '--queues', '2'],
 };

@@ -64,6 +64,8 @@ Napi::Value Socketpair(const Napi::CallbackInfo& info);
 // scm.cc
 Napi::Value Sendmsg(const Napi::CallbackInfo& info);
 Napi::Value Recvmsg(const Napi::CallbackInfo& info);
+// scm.cc: the non-blocking recvmsg behind both recvmsg() and a Poller's fused receive.
+ssize_t ReceiveWithFds(int fd, uint8_t* buf, size_t length, int32_t* fds_out, size_t room);
 // mmap.cc
 Napi::Value Mmap(const Napi::CallbackInfo& info);
 Napi::Value Munmap(const Napi::CallbackInfo& info);
@@ -80,5 +82,7 @@ Napi::Value EventfdDrain(const Napi::CallbackInfo& info);
 // poller.cc
 Napi::Function DefinePoller(Napi::Env env);
 Napi::Object PollEvents(Napi::Env env);
+// uring.cc
+Napi::Function DefineIoUring(Napi::Env env);
 
 }  // namespace vfu

@@ -4,6 +4,22 @@
 // the close callback, which may come after the JS object (and this C++ object) is gone. While
 // started, the JS object holds a strong reference to itself so the GC cannot take it; close()
 // (or the GC finaliser of a never-closed, inactive Poller) releases the handle.
+//
+// Busy polling (busyPoll(us)): a peer that answers within microseconds is best served without a
+// trip through epoll and libuv per message. After a callback that returns true ("I handled
+// traffic and wait for nothing but more of it"), OnPoll keeps checking the fd with a zero-timeout
+// poll() for up to the window, yielding the CPU between checks so that a peer on this same CPU
+// runs, and calls back directly when it turns readable. The turn ends when the window passes
+// without traffic, the callback returns anything but true, or kMaxTurnNs passes (timers and other
+// handles must get their turn); the level-triggered uv_poll then reports what is left.
+//
+// Fused receive (receiveInto(buffer, state)): for a socket, the Poller itself makes the recvmsg
+// into buffer[state[0], state[0] + state[1]) before calling back, and leaves the result in state
+// (see kState*), so one crossing into JS carries a wake-up and its bytes and fds. While busy
+// polling, that recvmsg is also the check for traffic.
+#include <poll.h>
+#include <sched.h>
+#include <time.h>
 #include <uv.h>
 
 #include <memory>
@@ -19,6 +35,21 @@ namespace {
 constexpr napi_type_tag kPollerTag = {0x7a3c1f0e9b2d4c65ULL, 0x8e41d2a6c07f3b19ULL};
 
 constexpr int kEventMask = UV_READABLE | UV_WRITABLE | UV_DISCONNECT;
+// Layout of a fused receive's Int32Array (mirrored in lib/native/binding.ts).
+constexpr size_t kStateOffset = 0;    // where in the buffer to receive (JS sets it)
+constexpr size_t kStateLength = 1;    // how many bytes to receive; 0 pauses the fused receive
+constexpr size_t kStateResult = 2;    // bytes received, 0 at EOF, -errno, or kNotReceived
+constexpr size_t kStateFds = 3;       // fd count, then the fds (as recvmsg's fdsOut)
+constexpr int32_t kNotReceived = INT32_MIN;
+// Longest busy-polling turn before control returns to the event loop.
+constexpr uint64_t kMaxTurnNs = 1000000;
+constexpr int64_t kMaxBusyPollUs = 10000;
+
+uint64_t NowNs() {
+  timespec ts;
+  clock_gettime(CLOCK_MONOTONIC, &ts);
+  return static_cast<uint64_t>(ts.tv_sec) * 1000000000u + static_cast<uint64_t>(ts.tv_nsec);
+}
 
 class Poller : public Napi::ObjectWrap<Poller> {
  public:
@@ -28,6 +59,8 @@ class Poller : public Napi::ObjectWrap<Poller> {
   static Napi::Value Start(const Napi::CallbackInfo& info);
   static Napi::Value Stop(const Napi::CallbackInfo& info);
   static Napi::Value Close(const Napi::CallbackInfo& info);
+  static Napi::Value BusyPoll(const Napi::CallbackInfo& info);
+  static Napi::Value ReceiveInto(const Napi::CallbackInfo& info);
 
  private:
   struct Handle {
@@ -40,8 +73,23 @@ class Poller : public Napi::ObjectWrap<Poller> {
   static void OnClose(uv_handle_t* handle);
   void ReleaseHandle();
   void SetActive(bool active);
+  // Calls the JS callback; true if it returned true (see busy polling above).
+  bool Invoke(napi_value receiver, int status, int events);
+  void BusyTurn(napi_value receiver);
+  // The fused recvmsg; false if it would block (or no fused receive is armed).
+  bool Receive();
+  void DropReceive();
 
   Handle* handle_ = nullptr;
+  int fd_ = -1;
+  uint64_t busy_ns_ = 0;
+  // Fused receive: the buffer and state array, held by these references while armed.
+  Napi::Reference<Napi::Value> rx_buffer_ref_;
+  Napi::Reference<Napi::Value> rx_state_ref_;
+  uint8_t* rx_buffer_ = nullptr;
+  size_t rx_buffer_length_ = 0;
+  int32_t* rx_state_ = nullptr;
+  size_t rx_fd_room_ = 0;
   bool active_ = false;
   bool in_callback_ = false;
   Napi::FunctionReference callback_;
@@ -72,6 +120,7 @@ Poller::Poller(const Napi::CallbackInfo& info) : Napi::ObjectWrap<Poller>(info) 
   }
   handle->owner = this;
   handle_ = handle;
+  fd_ = fd;
   callback_ = Napi::Persistent(info[1].As<Napi::Function>());
   context_ = std::make_unique<Napi::AsyncContext>(env, "vfio-user:Poller");
   info.This().As<Napi::Object>().TypeTag(&kPollerTag);
@@ -144,6 +193,68 @@ Napi::Value Poller::Close(const Napi::CallbackInfo& info) {
   return info.Env().Undefined();
 }
 
+Napi::Value Poller::BusyPoll(const Napi::CallbackInfo& info) {
+  Poller* self = FromThis(info, true);
+  if (self == nullptr) return {};
+  int64_t us;
+  if (!ArgInteger(info, 0, 0, kMaxBusyPollUs, "a window in microseconds (0 to 10000)", &us)) return {};
+  self->busy_ns_ = static_cast<uint64_t>(us) * 1000u;
+  return info.Env().Undefined();
+}
+
+// receiveInto(buffer: Uint8Array, state: Int32Array) arms the fused receive; receiveInto(null)
+// disarms it. The state array needs room for kStateFds + 1 entries (then one per fd).
+Napi::Value Poller::ReceiveInto(const Napi::CallbackInfo& info) {
+  Poller* self = FromThis(info, true);
+  if (self == nullptr) return {};
+  Napi::Env env = info.Env();
+  if (info[0].IsNull() || info[0].IsUndefined()) {
+    self->DropReceive();
+    return env.Undefined();
+  }
+  if (!info[0].IsTypedArray() || info[0].As<Napi::TypedArray>().TypedArrayType() != napi_uint8_array) {
+    ThrowArgError(env, 0, "a Uint8Array or null");
+    return {};
+  }
+  if (!info[1].IsTypedArray() || info[1].As<Napi::TypedArray>().TypedArrayType() != napi_int32_array ||
+      info[1].As<Napi::TypedArray>().ElementLength() < kStateFds + 1) {
+    ThrowArgError(env, 1, "an Int32Array of length >= 4");
+    return {};
+  }
+  Napi::Uint8Array buffer = info[0].As<Napi::Uint8Array>();
+  Napi::Int32Array state = info[1].As<Napi::Int32Array>();
+  self->DropReceive();
+  self->rx_buffer_ref_ = Napi::Persistent(info[0]);
+  self->rx_state_ref_ = Napi::Persistent(info[1]);
+  // Backing stores of ArrayBuffers never move, and the references keep them alive.
+  self->rx_buffer_ = buffer.Data();
+  self->rx_buffer_length_ = buffer.ByteLength();
+  self->rx_state_ = state.Data();
+  self->rx_fd_room_ = state.ElementLength() - kStateFds - 1;
+  self->rx_state_[kStateResult] = kNotReceived;
+  return env.Undefined();
+}
+
+void Poller::DropReceive() {
+  rx_buffer_ = nullptr;
+  rx_state_ = nullptr;
+  rx_buffer_length_ = rx_fd_room_ = 0;
+  rx_buffer_ref_.Reset();
+  rx_state_ref_.Reset();
+}
+
+bool Poller::Receive() {
+  if (rx_state_ == nullptr || rx_state_[kStateResult] != kNotReceived) return false;
+  int64_t offset = rx_state_[kStateOffset];
+  int64_t length = rx_state_[kStateLength];
+  if (length <= 0 || offset < 0 || static_cast<uint64_t>(offset + length) > rx_buffer_length_) return false;
+  ssize_t got = ReceiveWithFds(fd_, rx_buffer_ + offset, static_cast<size_t>(length),
+                               rx_state_ + kStateFds, rx_fd_room_);
+  if (got == -EAGAIN) return false;
+  rx_state_[kStateResult] = static_cast<int32_t>(got);
+  return true;
+}
+
 // Closes the handle and drops every reference this Poller holds; idempotent.
 void Poller::ReleaseHandle() {
   if (handle_ == nullptr) return;
@@ -152,6 +263,7 @@ void Poller::ReleaseHandle() {
   handle_ = nullptr;
   SetActive(false);
   callback_.Reset();
+  DropReceive();
   // The async context is in use while the callback runs; OnPoll drops it afterwards.
   if (!in_callback_) context_.reset();
 }
@@ -161,27 +273,78 @@ void Poller::OnPoll(uv_poll_t* poll, int status, int events) {
   if (self == nullptr || self->callback_.IsEmpty()) return;
   Napi::Env env = self->Env();
   Napi::HandleScope scope(env);
-  Napi::Object receiver = self->Value();  // kept alive by this scope while the callback runs
-  napi_value argv[2] = {Napi::Number::New(env, status),
-                        Napi::Number::New(env, status < 0 ? 0 : events)};
-  self->in_callback_ = true;
+  Napi::Object receiver = self->Value();  // kept alive by this scope while callbacks run
+  if (status == 0 && (events & (UV_READABLE | UV_DISCONNECT)) != 0) self->Receive();
+  bool again = self->Invoke(receiver, status, status < 0 ? 0 : events);
+  if (again && self->busy_ns_ != 0 && self->handle_ != nullptr) self->BusyTurn(receiver);
+}
+
+bool Poller::Invoke(napi_value receiver, int status, int events) {
+  napi_env env = Env();
+  napi_handle_scope scope;
+  if (napi_open_handle_scope(env, &scope) != napi_ok) return false;
+  napi_value argv[2];
+  napi_create_int32(env, status, &argv[0]);
+  napi_create_int32(env, events, &argv[1]);
+  in_callback_ = true;
   // Raw napi_make_callback, not FunctionReference::MakeCallback: that one throws a new JS error
   // when the call fails, and in an environment that is being torn down (a Worker terminating or
   // exiting) throwing is itself impossible, which node-addon-api turns into a fatal error.
-  napi_value result;
-  napi_status call = napi_make_callback(env, static_cast<napi_async_context>(*self->context_),
-                                        receiver, self->callback_.Value(), 2, argv, &result);
-  self->in_callback_ = false;
-  if (self->handle_ == nullptr) self->context_.reset();
+  napi_value result = nullptr;
+  napi_status call = napi_make_callback(env, static_cast<napi_async_context>(*context_), receiver,
+                                        callback_.Value(), 2, argv, &result);
+  in_callback_ = false;
+  if (handle_ == nullptr) context_.reset();
+  bool again = false;
+  if (call == napi_ok && result != nullptr) {
+    napi_valuetype type;
+    if (napi_typeof(env, result, &type) == napi_ok && type == napi_boolean) {
+      napi_get_value_bool(env, result, &again);
+    }
+  }
   if (call == napi_ok || call == napi_pending_exception) {
     bool pending = false;
     if (napi_is_exception_pending(env, &pending) == napi_ok && pending) {
       // Nothing on the stack can catch it: report it as uncaught, like any event-loop callback.
       napi_value error;
       if (napi_get_and_clear_last_exception(env, &error) == napi_ok) napi_fatal_exception(env, error);
+      again = false;
     }
   }
   // Any other status means the environment can no longer run JS: nothing to report to.
+  napi_close_handle_scope(env, scope);
+  return again;
+}
+
+void Poller::BusyTurn(napi_value receiver) {
+  const uint64_t start = NowNs();
+  uint64_t last_traffic = start;
+  for (;;) {
+    if (handle_ == nullptr || busy_ns_ == 0) return;
+    int events = 0;
+    if (rx_state_ != nullptr) {
+      // The receive is the check: one syscall, and the bytes come with the wake-up.
+      if (Receive()) events = UV_READABLE;
+    } else {
+      pollfd p{fd_, POLLIN, 0};
+      int ready = ::poll(&p, 1, 0);
+      if (ready < 0 && errno != EINTR) return;
+      if (ready > 0) {
+        if (p.revents & POLLNVAL) return;
+        events = (p.revents & POLLIN) ? UV_READABLE : 0;
+        if (p.revents & (POLLHUP | POLLERR)) events |= UV_DISCONNECT;
+      }
+    }
+    uint64_t now = NowNs();
+    if (events != 0) {
+      // Bytes already taken are always handed over; the turn's budget is checked after.
+      if (!Invoke(receiver, 0, events) || now - start >= kMaxTurnNs) return;
+      last_traffic = NowNs();
+      continue;
+    }
+    if (now - last_traffic >= busy_ns_ || now - start >= kMaxTurnNs) return;
+    sched_yield();
+  }
 }
 
 void Poller::OnClose(uv_handle_t* handle) {
@@ -201,6 +364,10 @@ Napi::Function DefinePoller(Napi::Env env) {
       Napi::PropertyDescriptor::Function(env, prototype, "stop", Poller::Stop,
                                          napi_default_method),
       Napi::PropertyDescriptor::Function(env, prototype, "close", Poller::Close,
+                                         napi_default_method),
+      Napi::PropertyDescriptor::Function(env, prototype, "busyPoll", Poller::BusyPoll,
+                                         napi_default_method),
+      Napi::PropertyDescriptor::Function(env, prototype, "receiveInto", Poller::ReceiveInto,
                                          napi_default_method),
   });
   return constructor;

@@ -81,6 +81,64 @@ void CloseAll(const int* fds, size_t count) {
 
 }  // namespace
 
+// One non-blocking recvmsg of up to `length` bytes into `buf`, collecting SCM_RIGHTS fds into
+// fds_out[1..] (count in fds_out[0], at most `room`). Returns the bytes received (0 at end of
+// stream), or -errno (-EAGAIN: would block). On every error and at end of stream, any fds that
+// came are closed, so the caller owns exactly the fds reported.
+ssize_t ReceiveWithFds(int fd, uint8_t* buf, size_t length, int32_t* fds_out, size_t room) {
+  fds_out[0] = 0;
+  room = std::min<size_t>(room, kScmMaxFd);
+  iovec iov{buf, length};
+  ControlBuffer control;
+  msghdr msg{};
+  msg.msg_iov = &iov;
+  msg.msg_iovlen = 1;
+  if (room > 0) {
+    // CMSG_LEN, not CMSG_SPACE: the kernel fits (controllen - header) / sizeof(int) fds, and
+    // CMSG_SPACE's padding could make room for one more than fds_out holds.
+    msg.msg_control = control.bytes;
+    msg.msg_controllen = CMSG_LEN(sizeof(int) * room);
+  }
+  ssize_t received;
+  do {
+    received = recvmsg(fd, &msg, MSG_DONTWAIT | MSG_CMSG_CLOEXEC);
+  } while (received < 0 && errno == EINTR);
+  if (received < 0) return errno == EWOULDBLOCK ? -EAGAIN : -errno;
+
+  // Collect the fds of every SCM_RIGHTS message. From here on every exit closes them or reports
+  // them in fds_out.
+  int fds[kScmMaxFd];
+  size_t count = 0;
+  int error = 0;
+  if (msg.msg_flags & MSG_CTRUNC) error = EMSGSIZE;
+  if (msg.msg_controllen > 0) {
+    for (cmsghdr* cmsg = CMSG_FIRSTHDR(&msg); cmsg != nullptr; cmsg = CMSG_NXTHDR(&msg, cmsg)) {
+      if (cmsg->cmsg_level != SOL_SOCKET || cmsg->cmsg_type != SCM_RIGHTS) continue;
+      size_t payload = cmsg->cmsg_len >= CMSG_LEN(0) ? cmsg->cmsg_len - CMSG_LEN(0) : 0;
+      if (payload % sizeof(int) != 0 && error == 0) error = EPROTO;
+      const unsigned char* data = CMSG_DATA(cmsg);
+      for (size_t i = 0; i < payload / sizeof(int); i++) {
+        int received_fd;
+        memcpy(&received_fd, data + i * sizeof(int), sizeof(int));
+        if (count < room) {
+          fds[count++] = received_fd;
+        } else {
+          close(received_fd);
+          if (error == 0) error = EMSGSIZE;
+        }
+      }
+    }
+  }
+  if (error != 0 || received == 0) {
+    // End of stream carries no fds on Linux; if some came anyway nobody can own them.
+    CloseAll(fds, count);
+    return error != 0 ? -error : 0;
+  }
+  fds_out[0] = static_cast<int32_t>(count);
+  memcpy(fds_out + 1, fds, count * sizeof(int));
+  return received;
+}
+
 // sendmsg(fd, iov: Uint8Array[], fds?) -> bytes sent, or -1 (would block)
 Napi::Value Sendmsg(const Napi::CallbackInfo& info) {
   Napi::Env env = info.Env();
@@ -186,64 +244,12 @@ Napi::Value Recvmsg(const Napi::CallbackInfo& info) {
   fds_out[0] = 0;
   size_t room = std::min<size_t>(out_length - 1, kScmMaxFd);
 
-  iovec iov{buf + offset, static_cast<size_t>(length)};
-  ControlBuffer control;
-  msghdr msg{};
-  msg.msg_iov = &iov;
-  msg.msg_iovlen = 1;
-  if (room > 0) {
-    // CMSG_LEN, not CMSG_SPACE: the kernel fits (controllen - header) / sizeof(int) fds, and
-    // CMSG_SPACE's padding could make room for one more than fdsOut holds.
-    msg.msg_control = control.bytes;
-    msg.msg_controllen = CMSG_LEN(sizeof(int) * room);
-  }
-
-  ssize_t received;
-  do {
-    received = recvmsg(fd, &msg, MSG_DONTWAIT | MSG_CMSG_CLOEXEC);
-  } while (received < 0 && errno == EINTR);
+  ssize_t received = ReceiveWithFds(fd, buf + offset, static_cast<size_t>(length), fds_out, room);
+  if (received == -EAGAIN) return Napi::Number::New(env, -1);
   if (received < 0) {
-    if (errno == EAGAIN || errno == EWOULDBLOCK) return Napi::Number::New(env, -1);
-    ThrowErrno(env, errno, "recvmsg");
+    ThrowErrno(env, static_cast<int>(-received), "recvmsg");
     return {};
   }
-
-  // Collect the fds of every SCM_RIGHTS message. From here on every exit closes them or reports
-  // them in fdsOut.
-  int fds[kScmMaxFd];
-  size_t count = 0;
-  int error = 0;
-  if (msg.msg_flags & MSG_CTRUNC) error = EMSGSIZE;
-  if (msg.msg_controllen > 0) {
-    for (cmsghdr* cmsg = CMSG_FIRSTHDR(&msg); cmsg != nullptr; cmsg = CMSG_NXTHDR(&msg, cmsg)) {
-      if (cmsg->cmsg_level != SOL_SOCKET || cmsg->cmsg_type != SCM_RIGHTS) continue;
-      size_t payload = cmsg->cmsg_len >= CMSG_LEN(0) ? cmsg->cmsg_len - CMSG_LEN(0) : 0;
-      if (payload % sizeof(int) != 0 && error == 0) error = EPROTO;
-      const unsigned char* data = CMSG_DATA(cmsg);
-      for (size_t i = 0; i < payload / sizeof(int); i++) {
-        int received_fd;
-        memcpy(&received_fd, data + i * sizeof(int), sizeof(int));
-        if (count < room) {
-          fds[count++] = received_fd;
-        } else {
-          close(received_fd);
-          if (error == 0) error = EMSGSIZE;
-        }
-      }
-    }
-  }
-  if (error != 0) {
-    CloseAll(fds, count);
-    ThrowErrno(env, error, "recvmsg");
-    return {};
-  }
-  if (received == 0) {
-    // End of stream carries no fds on Linux; if some came anyway nobody can own them.
-    CloseAll(fds, count);
-    return Napi::Number::New(env, 0);
-  }
-  fds_out[0] = static_cast<int32_t>(count);
-  memcpy(fds_out + 1, fds, count * sizeof(int));
   return Napi::Number::New(env, static_cast<double>(received));
 }
 

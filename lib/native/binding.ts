@@ -31,7 +31,28 @@ export interface Poller {
   stop(): void;
   /** Stop for good and release the libuv handle; idempotent. Must be called before the fd closes. */
   close(): void;
+  /**
+   * Busy polling (0..10000 us; 0, the default, is off): after a callback that returned `true`,
+   * keep checking the fd (zero-timeout poll, yielding the CPU between checks) and call back as
+   * soon as it is readable, until `us` pass without traffic or the callback returns anything but
+   * `true`. One turn never holds the event loop for more than 1 ms.
+   */
+  busyPoll(us: number): void;
+  /**
+   * Fused receive: on each readable wake-up (and in busy polling) the poller itself does the
+   * non-blocking recvmsg into `buffer[state[0], state[0] + state[1])` before calling back, and
+   * leaves in state[2] the bytes received, 0 at end of stream, or -errno (the callback must reset it
+   * to {@link RECV_NONE}, or no further receive is made), and in state[3..] the fds as recvmsg's
+   * `fdsOut`. state[1] = 0 pauses it. `receiveInto(null)` disarms. The poller holds both arrays
+   * until disarmed or closed.
+   */
+  receiveInto(buffer: Uint8Array | null, state?: Int32Array): void;
 }
+
+/** Layout of a {@link Poller.receiveInto} state array. */
+export const RecvState = { OFFSET: 0, LENGTH: 1, RESULT: 2, FDS: 3 } as const;
+/** state[RESULT] when the poller has not received anything for the callback. */
+export const RECV_NONE = -0x80000000;
 
 export interface PollerConstructor {
   /**
@@ -40,7 +61,7 @@ export interface PollerConstructor {
    * Throws (syscall 'uv_poll_init') EBADF for a closed fd, EPERM for a regular file, and EEXIST if
    * another started Poller watches the same fd. libuv switches the fd to O_NONBLOCK.
    */
-  new (fd: number, callback: (status: number, events: number) => void): Poller;
+  new (fd: number, callback: (status: number, events: number) => boolean | void): Poller;
 }
 
 export interface NativeConstants {

@@ -129,6 +129,8 @@ export class Session {
   ) {
     conn.onRequest = (msg) => this.onRequest(msg);
     conn.orderedRejects = true;
+    // An asynchronous command (DMA over the socket, a file read) completes on the event loop.
+    conn.awaitingLoop = () => this.busy;
     if (versionTimeoutMs > 0) {
       this.versionTimer = setTimeout(() => this.versionExpired(versionTimeoutMs), versionTimeoutMs);
       this.versionTimer.unref();

@@ -18,8 +18,8 @@
  * with a long-lived callback is the allocation-free one.
  */
 import { EventEmitter } from 'node:events';
-import { debuglog } from 'node:util';
-import { binding, WOULD_BLOCK } from '../native/binding';
+import { debuglog, getSystemErrorMap } from 'node:util';
+import { binding, RECV_NONE, RecvState, WOULD_BLOCK } from '../native/binding';
 import { Fd } from '../native/fd';
 import { Errno, HeaderFlags } from '../protocol/constants';
 import { VfioUserError } from '../protocol/errors';
@@ -51,6 +51,14 @@ export interface ConnectionOptions {
    * began). 0 (the default): no deadline.
    */
   messageTimeoutMs?: number;
+  /**
+   * Busy polling: after a wake-up that handled traffic, keep checking the socket for this many
+   * microseconds (yielding the CPU between checks) before going back to the event loop, so a peer
+   * that answers quickly is served without an epoll round trip per message. Costs CPU while the
+   * peer is active (at most one window after its last message); 0 (the default) turns it off.
+   * See {@link Connection.busyPollUs}.
+   */
+  busyPollUs?: number;
   /** A label for debug output. */
   name?: string;
 }
@@ -186,6 +194,12 @@ const MAX_IOV = 8;
 let fdsOutShared: Int32Array | null = null;
 const sharedHeader = Buffer.alloc(HEADER_SIZE);
 
+/** An Error like the addon's (code, errno, syscall), for an errno the addon reported as a value. */
+function systemError(errno: number, syscall: string): NodeJS.ErrnoException {
+  const [code, text] = getSystemErrorMap().get(-errno) ?? [`E${errno}`, 'Unknown error'];
+  return Object.assign(new Error(`${code}: ${text}, ${syscall}`), { code, errno, syscall });
+}
+
 function closeRaw(fd: number): void {
   try {
     new Fd(fd).close();
@@ -204,6 +218,11 @@ export class Connection extends EventEmitter {
    * order can answer them in their turn (reference §1.8). Their fds are closed as usual.
    */
   orderedRejects = false;
+  /**
+   * Set by an owner with asynchronous work in flight that needs the event loop (I/O, timers):
+   * while it returns true, busy polling stops and hands control back to the loop at once.
+   */
+  awaitingLoop: (() => boolean) | null = null;
 
   readonly maxRecvFds: number;
   maxSendFds: number;
@@ -270,7 +289,24 @@ export class Connection extends EventEmitter {
     this.name = options.name ?? `fd${socket.value}`;
     this.messageTimeoutMs = options.messageTimeoutMs ?? 0;
     this.poller = new binding.Poller(socket.value, (status, events) => this.onPoll(status, events));
+    this.busyPollWindow = options.busyPollUs ?? 0;
+    if (this.busyPollWindow > 0) this.poller.busyPoll(this.busyPollWindow);
     this.watch();
+  }
+
+  private busyPollWindow: number;
+  /** The fused receive's state array and the buffer it was armed with (see armFused). */
+  private rxState: Int32Array | null = null;
+  private rxBuffer: Buffer | null = null;
+
+  /** The busy-polling window in microseconds (0: off); see {@link ConnectionOptions.busyPollUs}. */
+  get busyPollUs(): number {
+    return this.busyPollWindow;
+  }
+  set busyPollUs(us: number) {
+    if (!Number.isInteger(us) || us < 0 || us > 10000) throw new RangeError(`busyPollUs must be an integer from 0 to 10000 (got ${us})`);
+    this.busyPollWindow = us;
+    if (this.state !== 'closed') this.poller.busyPoll(us);
   }
 
   /** Largest message buffered whole; can be changed after negotiation. */
@@ -378,6 +414,7 @@ export class Connection extends EventEmitter {
     this.closeError = error;
     if (error) debug('%s: closing: %s', this.name, error.message);
     this.poller.close();
+    this.dropFused();
     this.socket.close();
     if (this.sweepTimer !== null) clearInterval(this.sweepTimer);
     this.sweepTimer = null;
@@ -549,14 +586,23 @@ export class Connection extends EventEmitter {
     }
   }
 
-  private onPoll(status: number, events: number): void {
-    if (this.state !== 'open') return;
+  /** Returns true when busy polling may go on: traffic was handled and nothing awaits the loop. */
+  private onPoll(status: number, events: number): boolean {
+    if (this.state !== 'open') {
+      this.dropFused();
+      return false;
+    }
     if (status < 0) {
       this.fail(new VfioUserError(Errno.EIO, 0, 0, `poll error ${status} on the socket`));
-      return;
+      return false;
     }
     if (events & binding.pollEvents.WRITABLE) this.flush();
-    if (events & (binding.pollEvents.READABLE | binding.pollEvents.DISCONNECT)) this.readSome();
+    if (this.rxState === null || !this.takeFused()) {
+      if (events & (binding.pollEvents.READABLE | binding.pollEvents.DISCONNECT)) this.readSome();
+    }
+    if (this.state !== 'open') return false;
+    if (this.framer.framed > 0) this.armFused();
+    return this.busyPollWindow > 0 && this.sendQueue.length === 0 && !(this.awaitingLoop?.() ?? false);
   }
 
   private readSome(): void {
@@ -572,28 +618,85 @@ export class Connection extends EventEmitter {
         return;
       }
       if (n === WOULD_BLOCK) return;
-      let fds: number[] | null = null;
-      if (fdsOut[0]! > 0) {
-        fds = [];
-        for (let k = 1; k <= fdsOut[0]!; k++) fds.push(fdsOut[k]!);
-        fdsOut[0] = 0;
-      }
-      if (n === 0) {
-        if (fds !== null) for (const fd of fds) closeRaw(fd);
-        const partial = framer.buffered > 0;
-        this.close(partial ? new VfioUserError(Errno.ECONNRESET, 0, 0, 'peer closed the connection mid-message') : null);
-        return;
-      }
-      const drained = n < framer.writable;
-      framer.commit(n, fds);
-      this.closeStrayFds();
-      this.dispatchAll();
-      if (this.messageTimeoutMs > 0 && !this.stallArmed && framer.partial && this.state === 'open') this.armStall();
       // A short read took everything queued (a stream socket fills the buffer when it can), so
       // skip the recvmsg that would only say EAGAIN; the level-triggered poll calls again if more
       // arrived meanwhile, or if the read stopped early at an fd-carrying message.
-      if (drained) return;
+      if (!this.consume(n, fdsOut, 0)) return;
     }
+  }
+
+  /**
+   * Frame and dispatch `n` bytes just received at the framer's write offset, with the fds listed
+   * at fds[at] (count) and after. Returns true when the read filled the buffer (more may wait).
+   */
+  private consume(n: number, fdsOut: Int32Array, at: number): boolean {
+    const framer = this.framer;
+    let fds: number[] | null = null;
+    const count = fdsOut[at]!;
+    if (count > 0) {
+      fds = [];
+      for (let k = 1; k <= count; k++) fds.push(fdsOut[at + k]!);
+      fdsOut[at] = 0;
+    }
+    if (n === 0) {
+      if (fds !== null) for (const fd of fds) closeRaw(fd);
+      const partial = framer.buffered > 0;
+      this.close(partial ? new VfioUserError(Errno.ECONNRESET, 0, 0, 'peer closed the connection mid-message') : null);
+      return false;
+    }
+    const full = n >= framer.writable;
+    framer.commit(n, fds);
+    this.closeStrayFds();
+    this.dispatchAll();
+    if (this.messageTimeoutMs > 0 && !this.stallArmed && framer.partial && this.state === 'open') this.armStall();
+    return full && this.state === 'open';
+  }
+
+  /**
+   * Take what the poller's fused receive left in the state array (if anything). Returns false when
+   * nothing was there. Afterwards, reads go on as readSome's if that read filled the buffer.
+   */
+  private takeFused(): boolean {
+    const st = this.rxState!;
+    const n = st[RecvState.RESULT]!;
+    if (n === RECV_NONE) return false;
+    st[RecvState.RESULT] = RECV_NONE;
+    if (n < 0) {
+      st[RecvState.FDS] = 0; // the addon closed them on its error path
+      this.fail(systemError(-n, 'recvmsg'));
+      return true;
+    }
+    if (this.consume(n, st, RecvState.FDS)) this.readSome();
+    return true;
+  }
+
+  /** Close the fds of a fused receive nobody will consume (the connection closed first). */
+  private dropFused(): void {
+    const st = this.rxState;
+    if (st === null) return;
+    if (st[RecvState.RESULT]! > 0) for (let k = 1; k <= st[RecvState.FDS]!; k++) closeRaw(st[RecvState.FDS + k]!);
+    st[RecvState.RESULT] = RECV_NONE;
+    st[RecvState.FDS] = 0;
+  }
+
+  /**
+   * Point the poller's next fused receive where readSome's next recvmsg would go. Armed after the
+   * first read (so a connection that never speaks holds no state array), renewed after each wake-up.
+   */
+  private armFused(): void {
+    const framer = this.framer;
+    framer.prepare();
+    let st = this.rxState;
+    if (st === null) {
+      st = this.rxState = new Int32Array(RecvState.FDS + 1 + binding.constants.SCM_MAX_FD);
+      st[RecvState.RESULT] = RECV_NONE;
+    }
+    if (framer.buffer !== this.rxBuffer) {
+      this.rxBuffer = framer.buffer;
+      this.poller.receiveInto(framer.buffer, st);
+    }
+    st[RecvState.OFFSET] = framer.writeOffset;
+    st[RecvState.LENGTH] = framer.writable;
   }
 
   /**

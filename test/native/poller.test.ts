@@ -1,14 +1,17 @@
 import * as fs from 'node:fs';
+import * as path from 'node:path';
 import { setTimeout as sleep } from 'node:timers/promises';
 import * as v8 from 'node:v8';
 import * as vm from 'node:vm';
+import { Worker } from 'node:worker_threads';
 import { afterEach, describe, expect, it } from 'vitest';
 
-import { binding, type Poller } from '../../lib/native/binding';
+import { binding, PACKAGE_ROOT, RECV_NONE, RecvState, type Poller } from '../../lib/native/binding';
 import { isOpen, useFdLeakCheck } from '../helpers/fds';
 
 const { READABLE, WRITABLE, DISCONNECT } = binding.pollEvents;
 const { EFD_NONBLOCK, EFD_SEMAPHORE } = binding.constants;
+const { OFFSET, LENGTH, RESULT, FDS } = RecvState;
 
 v8.setFlagsFromString('--expose-gc');
 const gc = vm.runInNewContext('gc') as () => void;
@@ -231,5 +234,198 @@ describe('Poller', () => {
     expect(() => poller.start(8)).toThrow(RangeError);
     expect(() => poller.start(-1)).toThrow(RangeError);
     expect(() => poller.start('1' as unknown as number)).toThrow(TypeError);
+  });
+});
+
+// ---- the fused receive (receiveInto) and busy polling (busyPoll) ----
+
+function pair(): [number, number] {
+  const [a, b] = binding.socketpair();
+  opened.push(a, b);
+  return [a, b];
+}
+
+/** A state array for `fds` fds, armed to receive `length` bytes at `offset`. */
+function state(offset: number, length: number, fds = 4): Int32Array {
+  const st = new Int32Array(FDS + 1 + fds);
+  st[OFFSET] = offset;
+  st[LENGTH] = length;
+  st[RESULT] = RECV_NONE;
+  return st;
+}
+
+/** Resolves with what the state held at the next callback, then resets it. */
+function fusedPoller(fd: number, buffer: Uint8Array, st: Int32Array) {
+  const seen: Array<{ result: number; fds: number[]; events: number }> = [];
+  let wake: (() => void) | undefined;
+  const poller = new binding.Poller(fd, (_status, events) => {
+    const fds = Array.from(st.subarray(FDS + 1, FDS + 1 + st[FDS]!));
+    seen.push({ result: st[RESULT]!, fds, events });
+    st[RESULT] = RECV_NONE;
+    st[FDS] = 0;
+    wake?.();
+  });
+  pollers.push(poller);
+  poller.receiveInto(buffer, st);
+  const next = async () => {
+    const count = seen.length;
+    while (seen.length === count) await new Promise<void>((resolve) => (wake = resolve));
+    return seen[seen.length - 1]!;
+  };
+  return { poller, seen, next };
+}
+
+describe('Poller fused receive', () => {
+  it('receives at the offset before calling back, with the fds', async () => {
+    const [a, b] = pair();
+    const buffer = Buffer.alloc(64);
+    const st = state(8, 32);
+    const { poller, next } = fusedPoller(b, buffer, st);
+    poller.start(READABLE);
+    const memfd = binding.memfdCreate('fused');
+    opened.push(memfd);
+    binding.sendmsg(a, [Buffer.from('hello')], [memfd]);
+    const got = await next();
+    expect(got.result).toBe(5);
+    expect(buffer.subarray(8, 13).toString()).toBe('hello');
+    expect(got.fds).toHaveLength(1);
+    opened.push(got.fds[0]!);
+    expect(fs.readlinkSync(`/proc/self/fd/${got.fds[0]}`)).toContain('memfd:fused');
+  });
+
+  it('reports end of stream as 0, and a receive it did not make as RECV_NONE', async () => {
+    const [a, b] = pair();
+    const buffer = Buffer.alloc(16);
+    const st = state(0, 16);
+    const { poller, next } = fusedPoller(b, buffer, st);
+    st[LENGTH] = 0; // paused: the callback reads for itself
+    poller.start(READABLE | DISCONNECT);
+    binding.sendmsg(a, [Buffer.from('x')]);
+    expect((await next()).result).toBe(RECV_NONE);
+    expect(binding.recvmsg(b, Buffer.alloc(4), 0, 4, new Int32Array(1))).toBe(1);
+    st[LENGTH] = 16;
+    fs.closeSync(a);
+    opened = opened.filter((fd) => fd !== a);
+    expect((await next()).result).toBe(0);
+  });
+
+  it('makes no receive while the last result is unconsumed, nor outside the buffer', async () => {
+    const [a, b] = pair();
+    const buffer = Buffer.alloc(16);
+    const st = state(0, 16);
+    let calls = 0;
+    const poller = new binding.Poller(b, () => {
+      calls++;
+      poller.stop();
+    });
+    pollers.push(poller);
+    poller.receiveInto(buffer, st);
+    st[RESULT] = 7; // as if the callback had not taken the last one
+    poller.start(READABLE);
+    binding.sendmsg(a, [Buffer.from('abc')]);
+    await sleep(20);
+    expect(calls).toBe(1);
+    expect(st[RESULT]).toBe(7);
+    st[RESULT] = RECV_NONE;
+    st[OFFSET] = 10; // 10 + 16 > 16: refused, nothing written
+    poller.start(READABLE);
+    await sleep(20);
+    expect(calls).toBe(2);
+    expect(st[RESULT]).toBe(RECV_NONE);
+    expect(buffer.every((x) => x === 0)).toBe(true);
+  });
+
+  it('receiveInto(null) disarms it; bad arguments throw', async () => {
+    const [a, b] = pair();
+    const buffer = Buffer.alloc(16);
+    const st = state(0, 16);
+    const { poller, next } = fusedPoller(b, buffer, st);
+    poller.receiveInto(null);
+    poller.start(READABLE);
+    binding.sendmsg(a, [Buffer.from('abc')]);
+    expect((await next()).result).toBe(RECV_NONE);
+    expect(() => poller.receiveInto(new Uint16Array(4) as unknown as Uint8Array, st)).toThrow(TypeError);
+    expect(() => poller.receiveInto(buffer, new Int32Array(3))).toThrow(TypeError);
+    expect(() => poller.busyPoll(-1)).toThrow(RangeError);
+    expect(() => poller.busyPoll(10001)).toThrow(RangeError);
+    poller.close();
+    expect(() => poller.receiveInto(buffer, st)).toThrow('Poller is closed');
+  });
+});
+
+describe('Poller busy polling', () => {
+  /**
+   * Ping-pong with an echoing Worker; counts the callbacks between consecutive event-loop turns
+   * (a setImmediate runs once per turn). Without busy polling the poll phase calls back at most
+   * once per turn; with it, answers that come within the window are taken in the same turn.
+   */
+  async function pingPong(busyUs: number, rounds: number, returnValue: boolean) {
+    const [a, b] = binding.socketpair();
+    opened.push(a);
+    const worker = new Worker(path.join(__dirname, 'fixtures', 'echo-worker.cjs'), {
+      workerData: { root: PACKAGE_ROOT, fd: b },
+      trackUnmanagedFds: false,
+    });
+    const exited = new Promise<void>((resolve) => worker.once('exit', () => resolve()));
+    const buffer = Buffer.alloc(64);
+    const st = state(0, 64);
+    let inTurn = 0;
+    let mostInTurn = 0;
+    let done = 0;
+    let turns = 0;
+    const tick = (): void => {
+      turns++;
+      inTurn = 0;
+      if (done < rounds) setImmediate(tick);
+    };
+    setImmediate(tick);
+    let timerFired = 0;
+    const timer = setInterval(() => timerFired++, 2);
+    const finished = new Promise<void>((resolve) => {
+      const poller = new binding.Poller(a, () => {
+        if (st[RESULT]! > 0) {
+          st[RESULT] = RECV_NONE;
+          done++;
+          mostInTurn = Math.max(mostInTurn, ++inTurn);
+          if (done === rounds) {
+            poller.busyPoll(0);
+            resolve();
+            return false;
+          }
+          binding.sendmsg(a, [Buffer.from('ping')]);
+          return returnValue;
+        }
+        st[RESULT] = RECV_NONE;
+        return false;
+      });
+      pollers.push(poller);
+      poller.receiveInto(buffer, st);
+      poller.busyPoll(busyUs);
+      poller.start(READABLE);
+    });
+    binding.sendmsg(a, [Buffer.from('ping')]);
+    await finished;
+    clearInterval(timer);
+    fs.closeSync(a); // the worker sees EOF and closes its end
+    opened = opened.filter((fd) => fd !== a);
+    await exited;
+    return { mostInTurn, turns, timerFired };
+  }
+
+  it('off: one callback per event-loop turn', async () => {
+    const r = await pingPong(0, 200, true);
+    expect(r.mostInTurn).toBe(1);
+  });
+
+  it('on: answers within the window are taken in the same turn, and timers still run', async () => {
+    const r = await pingPong(10000, 2000, true);
+    expect(r.mostInTurn).toBeGreaterThan(1);
+    // A turn is bounded (1 ms), so a 2 ms interval keeps firing while traffic never stops.
+    expect(r.timerFired).toBeGreaterThan(0);
+  });
+
+  it('on, but the callback does not return true: no busy polling', async () => {
+    const r = await pingPong(10000, 200, false);
+    expect(r.mostInTurn).toBe(1);
   });
 });
