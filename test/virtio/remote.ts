@@ -1,15 +1,18 @@
 /**
- * A guest-side virtio-blk driver over a vfio-user socket, for a device another process serves
- * (`vfio-user serve virtio-blk`): our {@link VfioUserClient}, guest memory it allocates and
- * DMA-maps at iova 0, the rig's {@link DriverQueue} on queue 0, notifies as REGION_WRITEs, and
- * completions found by polling the used ring (no interrupts: MSI-X stays off, INTx unwired).
+ * A guest-side virtio-blk driver over a vfio-user socket, for a device served by another process
+ * (`vfio-user serve virtio-blk`) or by a server in this one: our {@link VfioUserClient}, guest
+ * memory it allocates and DMA-maps at iova 0, the rig's {@link DriverQueue}s, notifies as
+ * REGION_WRITEs, and completions found by polling the used rings. Interrupts are optional: MSI-X
+ * with a vector per queue (0 for configuration changes), INTx, or none; the client's eventfds
+ * receive them ({@link VfioUserClient.waitForIrq}).
  */
-import { VfioUserClient } from '../../lib/client';
-import type { DmaMemory } from '../../lib/client/dma';
-import { PciFunction } from '../../lib/client/pci';
-import { PciRegion } from '../../lib/protocol/constants';
-import { BlkReqHeader, CommonCfg, DeviceStatus, Feature, availRingSize, featureBit, usedRingSize, Desc } from '../../lib/virtio/spec';
+import { PciFunction, VfioUserClient, type DmaMemory } from '../../lib/client';
+import { PciIrq, PciRegion } from '../../lib/protocol/constants';
+import { BlkReqHeader, CommonCfg, Desc, DeviceStatus, Feature, VIRTIO_MSI_NO_VECTOR, availRingSize, featureBit, usedRingSize } from '../../lib/virtio/spec';
 import { DriverQueue, PAGE, parseVirtioCaps, virtioLayout, type Buf, type QueueHost, type VirtioLayout } from './rig';
+
+/** The MSI-X message address a driver programs (x86 LAPIC); vfio-user delivers vectors by eventfd regardless. */
+const MSI_ADDRESS = 0xfee00000n;
 
 export interface RemoteRequest {
   /** Data to write (OUT) or the ranges of a DISCARD / WRITE_ZEROES. */
@@ -20,6 +23,19 @@ export interface RemoteRequest {
   segments?: number;
   /** Use an indirect table. */
   indirect?: boolean;
+  /** The queue (default 0). */
+  queue?: number;
+}
+
+export interface RemoteInit {
+  /** Features to accept (default: everything offered). */
+  features?: bigint;
+  /** Entries per queue (default: the device's maximum, at most 64). */
+  queueSize?: number;
+  /** Queues to set up (default 1). */
+  queues?: number;
+  /** `'msix'`: vector i + 1 for queue i, 0 for configuration changes; `'intx'`; `'none'` (default). */
+  interrupts?: 'msix' | 'intx' | 'none';
 }
 
 export interface RemoteDone {
@@ -31,11 +47,13 @@ export interface RemoteDone {
 
 export class RemoteBlk implements QueueHost {
   readonly mem: Buffer;
-  queue!: DriverQueue;
+  readonly queues: DriverQueue[] = [];
   features = 0n;
   private next = PAGE;
-  /** Used elements reaped but not yet claimed by their request, by head. */
-  private readonly done = new Map<number, number>();
+  /** Per queue: used elements reaped but not yet claimed by their request, by head. */
+  private readonly done: Map<number, number>[] = [];
+  /** Where request memory starts (after the rings): {@link recycle} goes back there. */
+  private dataStart = PAGE;
   private failure: Error | null = null;
 
   private constructor(
@@ -87,8 +105,8 @@ export class RemoteBlk implements QueueHost {
     return this.client.read(PciRegion.BAR4, this.layout.device + offset, length);
   }
 
-  /** Reset, feature negotiation (everything offered, or `features`), queue 0 of `size` entries, DRIVER_OK. */
-  async init(options: { features?: bigint; queueSize?: number } = {}): Promise<bigint> {
+  /** Reset, feature negotiation, queues, interrupts, DRIVER_OK (3.1.1). Returns the accepted features. */
+  async init(options: RemoteInit = {}): Promise<bigint> {
     await this.setCommon(CommonCfg.DEVICE_STATUS, 1, 0);
     for (let i = 0; (await this.common(CommonCfg.DEVICE_STATUS, 1)) !== 0; i++) {
       if (i > 500) throw new Error('remote: the device did not reset');
@@ -109,8 +127,25 @@ export class RemoteBlk implements QueueHost {
     status |= DeviceStatus.FEATURES_OK;
     await this.setCommon(CommonCfg.DEVICE_STATUS, 1, status);
     if (((await this.common(CommonCfg.DEVICE_STATUS, 1)) & DeviceStatus.FEATURES_OK) === 0) throw new Error(`remote: features 0x${this.features.toString(16)} refused`);
-    await this.setCommon(CommonCfg.QUEUE_SELECT, 2, 0);
-    const size = options.queueSize ?? Math.min(64, await this.common(CommonCfg.QUEUE_SIZE, 2));
+    const queues = options.queues ?? 1;
+    const interrupts = options.interrupts ?? 'none';
+    if (interrupts === 'msix') {
+      await this.client.enableIrqs(PciIrq.MSIX, queues + 1);
+      for (let v = 0; v <= queues; v++) await this.fn.writeMsixVector(v, { address: MSI_ADDRESS, data: v, masked: false });
+      await this.fn.setMsixEnabled(true);
+      await this.setCommon(CommonCfg.CONFIG_MSIX_VECTOR, 2, 0);
+    } else if (interrupts === 'intx') {
+      await this.client.enableIrqs(PciIrq.INTX, 1);
+    }
+    this.queues.length = 0;
+    for (let i = 0; i < queues; i++) this.queues.push(await this.setupQueue(i, options.queueSize, interrupts === 'msix' ? i + 1 : VIRTIO_MSI_NO_VECTOR));
+    await this.setCommon(CommonCfg.DEVICE_STATUS, 1, status | DeviceStatus.DRIVER_OK);
+    return this.features;
+  }
+
+  private async setupQueue(index: number, queueSize: number | undefined, vector: number): Promise<DriverQueue> {
+    await this.setCommon(CommonCfg.QUEUE_SELECT, 2, index);
+    const size = queueSize ?? Math.min(64, await this.common(CommonCfg.QUEUE_SIZE, 2));
     await this.setCommon(CommonCfg.QUEUE_SIZE, 2, size);
     const desc = this.alloc(size * Desc.SIZE, 16);
     const avail = this.alloc(availRingSize(size), 2);
@@ -118,10 +153,16 @@ export class RemoteBlk implements QueueHost {
     for (const [field, at] of [[CommonCfg.QUEUE_DESC, desc], [CommonCfg.QUEUE_DRIVER, avail], [CommonCfg.QUEUE_DEVICE, used]] as const) {
       await this.client.writeUint64(PciRegion.BAR4, this.layout.common + field, BigInt(at), { posted: false });
     }
+    await this.setCommon(CommonCfg.QUEUE_MSIX_VECTOR, 2, vector);
+    if ((await this.common(CommonCfg.QUEUE_MSIX_VECTOR, 2)) !== vector) throw new Error(`remote: queue ${index} refused MSI-X vector ${vector}`);
     await this.setCommon(CommonCfg.QUEUE_ENABLE, 2, 1);
-    this.queue = new DriverQueue(this, 0, size, desc, avail, used);
-    await this.setCommon(CommonCfg.DEVICE_STATUS, 1, status | DeviceStatus.DRIVER_OK);
-    return this.features;
+    this.dataStart = this.next;
+    return new DriverQueue(this, index, size, desc, avail, used);
+  }
+
+  /** The ISR status byte (reading it clears it and deasserts INTx). */
+  isr(): Promise<number> {
+    return this.client.readUint(PciRegion.BAR4, this.layout.isr, 1);
   }
 
   /** True if `bit` was negotiated. */
@@ -148,20 +189,22 @@ export class RemoteBlk implements QueueHost {
     const statusAt = this.alloc(1, 1);
     this.mem[statusAt] = 0xff;
     chain.push({ addr: statusAt, len: 1, write: true });
-    const head = this.queue.add(chain, { indirect: o.indirect ?? false });
-    this.queue.kick();
-    const len = await this.waitFor(head);
+    const queue = this.queues[o.queue ?? 0]!;
+    const head = queue.add(chain, { indirect: o.indirect ?? false });
+    queue.kick();
+    const len = await this.waitFor(queue, head);
     return { status: this.mem[statusAt]!, len, data: Buffer.from(this.mem.subarray(dataAt, dataAt + inLen)) };
   }
 
   /** Polls the used ring until `head` comes back. */
-  private async waitFor(head: number, timeoutMs = 20_000): Promise<number> {
+  private async waitFor(queue: DriverQueue, head: number, timeoutMs = 20_000): Promise<number> {
     const deadline = Date.now() + timeoutMs;
+    const done = this.done[queue.index] ?? (this.done[queue.index] = new Map());
     for (;;) {
-      for (const e of this.queue.reap()) this.done.set(e.id, e.len);
-      const len = this.done.get(head);
+      for (const e of queue.reap()) done.set(e.id, e.len);
+      const len = done.get(head);
       if (len !== undefined) {
-        this.done.delete(head);
+        done.delete(head);
         return len;
       }
       if (this.failure !== null) throw this.failure;
@@ -172,8 +215,8 @@ export class RemoteBlk implements QueueHost {
 
   /** Frees the guest memory used by requests so far (none may be in flight). */
   recycle(): void {
-    if (this.queue.inFlight > 0) throw new Error('remote: requests in flight');
-    this.next = this.queue.used + usedRingSize(this.queue.size);
+    if (this.queues.some((q) => q.inFlight > 0)) throw new Error('remote: requests in flight');
+    this.next = this.dataStart;
   }
 
   async close(): Promise<void> {
