@@ -7,7 +7,7 @@
  * @packageDocumentation
  */
 import { Command, DeviceFeature, Errno, MigState, MigrationFlags } from '../protocol/constants';
-import { ProtocolError, VfioUserError } from '../protocol/errors';
+import { VfioUserError } from '../protocol/errors';
 import {
   decodeDeviceFeatureReply,
   decodeDmaLoggingControl,
@@ -21,6 +21,7 @@ import {
   encodeMigDeviceState,
 } from '../protocol/messages/feature';
 import { decodeMigDataReadReply, decodeMigDataWriteReply, encodeMigDataReadRequest, encodeMigDataWriteRequest } from '../protocol/messages/migration';
+import { protocolError } from './errors';
 
 /** Names of the migration states (reference §5.2), for messages and events. */
 export const MIG_STATE_NAMES: Readonly<Record<number, string>> = {
@@ -119,10 +120,6 @@ export interface MigrationCore {
   call(command: number, body: Uint8Array, timeoutMs?: number): Promise<Buffer>;
   /** Largest data chunk one MIG_DATA_READ/WRITE may carry (the smaller of both sides' limits). */
   readonly maxChunk: number;
-}
-
-function protocolError(message: string, field: string): ProtocolError {
-  return new ProtocolError(message, { field, errno: Errno.EPROTO });
 }
 
 /** GET of `feature`: the reply's data (its flags checked). */
