@@ -20,7 +20,6 @@
  * @packageDocumentation
  */
 import { ADMIN_QUEUE_BASE_MASK_LO, AQA_WRITABLE, CC_WRITABLE, CapHi, CapLo, Cc, DOORBELL_OFFSET, Reg, version } from '../../nvme/spec/registers';
-import type { DoorbellPage } from './doorbells';
 
 /** Size of BAR0: the register page plus one page of doorbells. */
 export const BAR0_SIZE = 0x2000;
@@ -53,6 +52,13 @@ export function capValue(p: CapParams): [number, number] {
   return [lo >>> 0, hi >>> 0];
 }
 
+/** The doorbell page's memory, as the register file reads and writes it (doorbells.ts). */
+export interface DoorbellStore {
+  readonly bytes: Buffer;
+  read(index: number): number;
+  write(index: number, value: number): void;
+}
+
 /** What register writes set in motion. */
 export interface RegisterHost {
   /** CC changed from `old` to `next` (already stored). */
@@ -77,7 +83,7 @@ export class RegisterFile {
 
   constructor(
     readonly cap: readonly [number, number],
-    private readonly page: DoorbellPage,
+    private readonly page: DoorbellStore,
     private readonly host: RegisterHost,
   ) {}
 
