@@ -38,7 +38,7 @@ if (!fs.existsSync(CLI)) {
 const { binding, WOULD_BLOCK } = require('../dist/native/binding.js');
 const P = require('../dist/protocol/index.js');
 const { enableValue } = require('../dist/drivers/nvme/registers.js');
-const { Reg, Cc, Csts, sqTailDoorbell, cqHeadDoorbell, AdminOpcode, IoOpcode } = require('../dist/nvme/spec/index.js');
+const { Reg, Cc, Csts, sqTailDoorbell, cqHeadDoorbell, AdminOpcode, IoOpcode } = require('../dist/nvme/index.js');
 
 const { Command, HeaderFlags, DmaMapFlags, DmaUnmapFlags, IrqSetFlags, DeviceFeature, DirtyPagesFlags, Errno, PciRegion } = P;
 const CONFIG = PciRegion.CONFIG;

@@ -5,8 +5,8 @@ import * as os from 'node:os';
 import * as path from 'node:path';
 import { afterEach, beforeEach, describe, expect, it } from 'vitest';
 import { FileBackend, RamBackend } from '../../lib/block';
-import { IoOpcode } from '../../lib/nvme/spec/constants';
-import { IdNs } from '../../lib/nvme/spec/structs';
+import { IoOpcode } from '../../lib/nvme/constants';
+import { IdNs } from '../../lib/nvme/structs';
 import { PAGE, Rig, pattern } from '../devices/nvme/rig';
 import { useFdLeakCheck } from '../helpers/fds';
 

@@ -8,7 +8,7 @@ import * as os from 'node:os';
 import * as path from 'node:path';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import { FileBackend } from '../../lib/block';
-import { IoOpcode } from '../../lib/nvme/spec/constants';
+import { IoOpcode } from '../../lib/nvme/constants';
 import { Rig, pattern } from '../devices/nvme/rig';
 
 const dir = fs.mkdtempSync(path.join(os.tmpdir(), 'blockdev-'));

@@ -7,8 +7,8 @@ import * as os from 'node:os';
 import * as path from 'node:path';
 import { afterAll, afterEach, beforeAll, describe, expect, it } from 'vitest';
 import { NbdBackend, NbdFlags } from '../../lib/block';
-import { IoOpcode, Status, statusCode } from '../../lib/nvme/spec/constants';
-import { IdNs } from '../../lib/nvme/spec/structs';
+import { IoOpcode, Status, statusCode } from '../../lib/nvme/constants';
+import { IdNs } from '../../lib/nvme/structs';
 import { PAGE, Rig, pattern } from '../devices/nvme/rig';
 import { createQcow2, freePort, nbdToolsMissing, nbdkit, qemuNbd, qemuStorageDaemon, storageDaemonRun, type NbdServerProcess } from './nbd-servers';
 

@@ -7,8 +7,8 @@ import * as os from 'node:os';
 import * as path from 'node:path';
 import { afterEach, describe, expect, it } from 'vitest';
 import { FileBackend, RamBackend, type BlockBackend } from '../../lib/block';
-import { IoOpcode, Status, statusCode } from '../../lib/nvme/spec/constants';
-import { IdNs, IdNsIndep } from '../../lib/nvme/spec/structs';
+import { IoOpcode, Status, statusCode } from '../../lib/nvme/constants';
+import { IdNs, IdNsIndep } from '../../lib/nvme/structs';
 import { PAGE, Rig, pattern } from '../devices/nvme/rig';
 
 const dirs: string[] = [];

@@ -10,7 +10,7 @@ import * as path from 'node:path';
 import { afterEach, describe, expect, it } from 'vitest';
 import { VfioUserClient, migrate, type MigrationProgress } from '../../lib/client';
 import { NvmeController } from '../../lib/devices/nvme/controller';
-import { AdminOpcode, AerType, FeatureId, LogId } from '../../lib/nvme/spec/constants';
+import { AdminOpcode, AerType, FeatureId, LogId } from '../../lib/nvme/constants';
 import { FileBackend, RamBackend } from '../../lib/block';
 import { NvmeDriver } from '../../lib/drivers/nvme/controller';
 import type { VfioUserDevice } from '../../lib/server/device';

@@ -4,7 +4,7 @@
  * state those commands own (feature values, the Error Information log, pending asynchronous
  * events).
  *
- * Every handler returns an NVMe status for the completion (see lib/nvme/spec/constants.ts); a guest mistake is
+ * Every handler returns an NVMe status for the completion (see lib/nvme/constants.ts); a guest mistake is
  * never an exception. Handlers reach the controller only through {@link AdminContext}.
  *
  * @packageDocumentation
@@ -20,11 +20,11 @@ import {
   LogId,
   NSID_ALL,
   Status,
-} from '../../nvme/spec/constants';
+} from '../../nvme/constants';
 import { copyToGuest, copyToGuestSync, mapPrp } from './prp';
 import type { CompletionQueue, QueuedRequest, SubmissionQueue } from './queues';
 import { DEFERRED, type HandlerResult } from './request';
-import { ErrorLogEntry, FwSlotLog, IDENTIFY_SIZE, IdCtrlNvm, SQE_FUSE_MASK, SQE_PSDT_MASK, SmartLog } from '../../nvme/spec/structs';
+import { ErrorLogEntry, FwSlotLog, IDENTIFY_SIZE, IdCtrlNvm, SQE_FUSE_MASK, SQE_PSDT_MASK, SmartLog } from '../../nvme/structs';
 import {
   writeErrorLogEntry,
   writeFirmwareSlotLog,

@@ -2,13 +2,13 @@
  * How this controller fills the NVMe data structures it returns: Identify Controller, Identify
  * Namespace, the Namespace Identification Descriptor list, the command set independent Identify
  * Namespace, and the SMART / Health, Firmware Slot and Error Information log pages. The layouts
- * are the specification's (lib/nvme/spec/structs.ts); the values are this model's. Builders fill a
+ * are the specification's (lib/nvme/structs.ts); the values are this model's. Builders fill a
  * caller-provided, zeroed buffer and never allocate on the I/O path.
  *
  * @packageDocumentation
  */
-import { Csi } from '../../nvme/spec/constants';
-import { CQES, ErrorLogEntry, FwSlotLog, IdCtrl, IdNs, IdNsIndep, Lpa, Nidt, Nsfeat, Psd, SQES, SmartLog } from '../../nvme/spec/structs';
+import { Csi } from '../../nvme/constants';
+import { CQES, ErrorLogEntry, FwSlotLog, IdCtrl, IdNs, IdNsIndep, Lpa, Nidt, Nsfeat, Psd, SQES, SmartLog } from '../../nvme/structs';
 
 /** Writes `text` as an NVMe ASCII string field: left-justified, padded with spaces, truncated. */
 export function putAscii(dst: Buffer, offset: number, length: number, text: string): void {

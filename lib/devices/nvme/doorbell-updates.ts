@@ -8,7 +8,7 @@
  */
 import type { DmaSpace } from '../../server/dma';
 import type { PollTarget } from '../../pci/poller';
-import { AerErrorInfo, AerType, LogId, Status } from '../../nvme/spec/constants';
+import { AerErrorInfo, AerType, LogId, Status } from '../../nvme/constants';
 import type { DoorbellMode, DoorbellPage } from './doorbells';
 import { ShadowDoorbells, cqDoorbellIndex, sqDoorbellIndex, type CompletionQueue, type SubmissionQueue } from './queues';
 import type { QueueTable } from './queue-table';

@@ -52,7 +52,7 @@ import { createMemfd } from '../../native/memfd';
 import { Mapping } from '../../native/mapping';
 import type { Fd } from '../../native/fd';
 import type { IoEventfd } from '../../server/ioeventfd';
-import { DOORBELL_OFFSET } from '../../nvme/spec/registers';
+import { DOORBELL_OFFSET } from '../../nvme/registers';
 import { BAR0_SIZE, DOORBELL_PAGE_SIZE } from './registers';
 
 export type DoorbellMode = 'trap' | 'mmap' | 'ioeventfd';

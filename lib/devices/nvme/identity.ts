@@ -9,7 +9,7 @@ import { createHash, randomBytes } from 'node:crypto';
 import type { BlockBackend } from '../../block/backend';
 import type { PollPolicy } from '../../pci/poller';
 import { VendorId } from '../../pci/ids';
-import { Dlfeat, Oacs, Oncs, VWC_FLUSH_BROADCAST, VWC_PRESENT } from '../../nvme/spec/structs';
+import { Dlfeat, Oacs, Oncs, VWC_FLUSH_BROADCAST, VWC_PRESENT } from '../../nvme/structs';
 import type { ControllerIdentity, NamespaceIdentity } from './builders';
 import { DOORBELL_MODES, type DoorbellMode } from './doorbells';
 import { NVME_VERSION } from './registers';

@@ -1,7 +1,7 @@
 /**
  * An NVMe controller device model: {@link NvmeController} (a PCIe NVM Express 1.4 I/O controller
  * with one namespace) on any block backend (lib/block: RamBackend, FileBackend, or your own).
- * The specification's opcodes, registers and structures are lib/nvme/spec.
+ * The specification's opcodes, registers and structures are lib/nvme.
  *
  * @packageDocumentation
  */

@@ -14,11 +14,11 @@
  */
 import { DmaError, type DmaSpace } from '../../server/dma';
 import { zeroRange, type BlockBackend } from '../../block/backend';
-import { Dsm, Rw } from '../../nvme/spec/commands';
-import { IoOpcode, NSID_ALL, Status } from '../../nvme/spec/constants';
+import { Dsm, Rw } from '../../nvme/commands';
+import { IoOpcode, NSID_ALL, Status } from '../../nvme/constants';
 import { copyFromGuest, copyFromGuestSync, mapPrp } from './prp';
 import type { HandlerResult, Request } from './request';
-import { SQE_FUSE_MASK, SQE_PSDT_MASK } from '../../nvme/spec/structs';
+import { SQE_FUSE_MASK, SQE_PSDT_MASK } from '../../nvme/structs';
 import { NSID } from './admin';
 
 /** SMART counters the I/O path updates. */

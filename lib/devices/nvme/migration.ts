@@ -6,15 +6,15 @@
  * @packageDocumentation
  */
 import type { DmaSpace } from '../../server/dma';
-import { Dsm } from '../../nvme/spec/commands';
-import { AdminOpcode, IoOpcode, Status } from '../../nvme/spec/constants';
+import { Dsm } from '../../nvme/commands';
+import { AdminOpcode, IoOpcode, Status } from '../../nvme/constants';
 import type { AsyncEvents, ErrorLog, Features } from './admin';
 import type { CompletionInterrupts } from './interrupts';
 import { copyFromGuestSync } from './prp';
 import { CompletionQueue, ShadowDoorbells, SubmissionQueue, type QueuedRequest } from './queues';
 import type { QueueTable } from './queue-table';
 import { NVME_STATE_VERSION, type CqState, type NvmeState, type RamNamespaceData, type SqState } from './state';
-import { Sqe } from '../../nvme/spec/structs';
+import { Sqe } from '../../nvme/structs';
 
 /** The parts of a controller whose state migrates. */
 export interface MigratingParts {

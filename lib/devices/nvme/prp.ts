@@ -21,7 +21,7 @@
 import type { DmaSpace } from '../../server/dma';
 import type { Mapping } from '../../native/mapping';
 import { DmaMapFlags } from '../../protocol/constants';
-import { Status } from '../../nvme/spec/constants';
+import { Status } from '../../nvme/constants';
 
 const TWO_32 = 0x1_0000_0000;
 /** Highest u32 "high half" that keeps a u64 exact in a Number. */

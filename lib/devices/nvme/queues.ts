@@ -19,7 +19,7 @@
  */
 import type { DmaRegion, DmaSpace } from '../../server/dma';
 import { Request } from './request';
-import { Cqe } from '../../nvme/spec/structs';
+import { Cqe } from '../../nvme/structs';
 
 /** A command fetched from a {@link SubmissionQueue}, which it is posted through and returned to. */
 export type QueuedRequest = Request<SubmissionQueue>;

@@ -1,7 +1,7 @@
 /**
  * This controller's BAR0: its size and layout, the register values it chooses (CAP, VS), and the
  * register file that turns byte accesses into register reads and writes. The register offsets and
- * bit fields themselves are the specification's (lib/nvme/spec); what a CC write sets in motion
+ * bit fields themselves are the specification's (lib/nvme); what a CC write sets in motion
  * is the controller's (controller.ts).
  *
  * BAR0 layout (8 KiB, 64-bit memory BAR):
@@ -19,7 +19,7 @@
  *
  * @packageDocumentation
  */
-import { ADMIN_QUEUE_BASE_MASK_LO, AQA_WRITABLE, CC_WRITABLE, CapHi, CapLo, Cc, DOORBELL_OFFSET, Reg, version } from '../../nvme/spec/registers';
+import { ADMIN_QUEUE_BASE_MASK_LO, AQA_WRITABLE, CC_WRITABLE, CapHi, CapLo, Cc, DOORBELL_OFFSET, Reg, version } from '../../nvme/registers';
 
 /** Size of BAR0: the register page plus one page of doorbells. */
 export const BAR0_SIZE = 0x2000;

@@ -9,7 +9,7 @@
  *
  * @packageDocumentation
  */
-import { Sqe } from '../../nvme/spec/structs';
+import { Sqe } from '../../nvme/structs';
 import { Segments, Transfer, readU64 } from './prp';
 
 export class Request<Queue = unknown> {

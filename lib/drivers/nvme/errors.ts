@@ -11,7 +11,7 @@
  *
  * @packageDocumentation
  */
-import { Sct } from '../../nvme/spec/constants';
+import { Sct } from '../../nvme/constants';
 
 /** A decoded completion Status Field (CQE dword 3 bits 31:17, without the phase tag). */
 export interface StatusField {

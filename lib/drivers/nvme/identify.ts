@@ -1,12 +1,12 @@
 /**
  * Decoders for the Identify data structures a host driver needs (NVM Express Base 1.4, 5.15.2):
  * Identify Controller (CNS 01h), Identify Namespace (CNS 00h) and the Active Namespace ID list
- * (CNS 02h). Field offsets are the specification's (`lib/nvme/spec/structs.ts`); what the
+ * (CNS 02h). Field offsets are the specification's (`lib/nvme/structs.ts`); what the
  * controller sends is untrusted, so every count is bounded and strings are trimmed ASCII.
  *
  * @packageDocumentation
  */
-import { IDENTIFY_SIZE, IdCtrl, IdNs } from '../../nvme/spec/structs';
+import { IDENTIFY_SIZE, IdCtrl, IdNs } from '../../nvme/structs';
 
 /** The parts of Identify Controller a driver and a user look at. */
 export interface IdentifyController {

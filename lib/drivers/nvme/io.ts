@@ -14,14 +14,14 @@
  *
  * @packageDocumentation
  */
-import { Dsm, Rw } from '../../nvme/spec/commands';
-import { IoOpcode } from '../../nvme/spec/constants';
+import { Dsm, Rw } from '../../nvme/commands';
+import { IoOpcode } from '../../nvme/constants';
 import type { NvmeDriver } from './controller';
 import type { NamespaceInfo } from './identify';
 import { dmaSlice, type DataRef } from './prp';
 import type { Completion, NvmeRequest, QueuePair } from './queue';
 
-/** The command dword fields of Read, Write, Write Zeroes and Dataset Management (lib/nvme/spec). */
+/** The command dword fields of Read, Write, Write Zeroes and Dataset Management (lib/nvme). */
 export { Dsm, Rw };
 
 /** Most blocks one Read/Write/Write Zeroes command can name (NLB is 16 bits, 0's based). */

@@ -17,7 +17,7 @@
  */
 import { performance } from 'node:perf_hooks';
 import type { DmaMemory } from '../../client/dma';
-import { IoOpcode } from '../../nvme/spec/constants';
+import { IoOpcode } from '../../nvme/constants';
 import type { NvmeDriver } from './controller';
 import type { NamespaceInfo } from './identify';
 import { MAX_BLOCKS_PER_COMMAND, prepareRead, prepareWrite } from './io';

@@ -1,17 +1,17 @@
 /**
  * The controller registers as a host driver reads them (NVM Express Base 1.4, section 3.1).
  *
- * Offsets, bit fields and the doorbell formula are the specification's (lib/nvme/spec), one
+ * Offsets, bit fields and the doorbell formula are the specification's (lib/nvme), one
  * spelling for the controller model and the driver. What a driver needs on top lives here: decoding
  * CAP and VS of *any* controller (its doorbell stride, page sizes and timeout, not the ones our
  * model happens to choose), and the CC value that enables it.
  *
  * @packageDocumentation
  */
-import { CapHi, CapLo, Cc } from '../../nvme/spec/registers';
+import { CapHi, CapLo, Cc } from '../../nvme/registers';
 
 /** Doorbell offsets for a controller's stride (the formula is the specification's). */
-export { cqHeadDoorbell, sqTailDoorbell } from '../../nvme/spec/registers';
+export { cqHeadDoorbell, sqTailDoorbell } from '../../nvme/registers';
 
 /** Controller Capabilities, decoded (CAP, offset 0x00). */
 export interface ControllerCapabilities {

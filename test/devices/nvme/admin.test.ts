@@ -1,8 +1,8 @@
 // Admin commands through the admin queue: negative cases first, every guest error a status.
 import { afterEach, beforeEach, describe, expect, it } from 'vitest';
-import { AdminOpcode, AerType, FeatureId, LogId, Status } from '../../../lib/nvme/spec/constants';
-import { IdCtrl, IdNs, Nidt, SmartLog } from '../../../lib/nvme/spec/structs';
-import { Reg, sqTailDoorbell, cqHeadDoorbell } from '../../../lib/nvme/spec/registers';
+import { AdminOpcode, AerType, FeatureId, LogId, Status } from '../../../lib/nvme/constants';
+import { IdCtrl, IdNs, Nidt, SmartLog } from '../../../lib/nvme/structs';
+import { Reg, sqTailDoorbell, cqHeadDoorbell } from '../../../lib/nvme/registers';
 import { Rig, tick } from './rig';
 import { useFdLeakCheck } from '../../helpers/fds';
 

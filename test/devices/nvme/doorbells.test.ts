@@ -1,8 +1,8 @@
 // Doorbells: trapped REGION_WRITEs, the mmap'd doorbell page (polled), and shadow doorbells with
 // EventIdx (Doorbell Buffer Config), including the sleep/wake handshake in trap mode.
 import { afterEach, describe, expect, it } from 'vitest';
-import { AdminOpcode, AerType, IoOpcode, LogId } from '../../../lib/nvme/spec/constants';
-import { cqHeadDoorbell, sqTailDoorbell } from '../../../lib/nvme/spec/registers';
+import { AdminOpcode, AerType, IoOpcode, LogId } from '../../../lib/nvme/constants';
+import { cqHeadDoorbell, sqTailDoorbell } from '../../../lib/nvme/registers';
 import { Mapping } from '../../../lib/native/mapping';
 import { PciRegion } from '../../../lib/protocol/constants';
 import { PAGE, Rig, tick, type Command } from './rig';

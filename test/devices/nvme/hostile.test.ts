@@ -3,7 +3,7 @@
 // doorbell page the controller shares cannot be truncated at all.
 import * as fs from 'node:fs';
 import { afterEach, describe, expect, it } from 'vitest';
-import { IoOpcode, Status } from '../../../lib/nvme/spec/constants';
+import { IoOpcode, Status } from '../../../lib/nvme/constants';
 import { createMemfd } from '../../../lib/native/memfd';
 import { DmaMapFlags, PciRegion } from '../../../lib/protocol/constants';
 import type { DmaRegion } from '../../../lib/server/dma';

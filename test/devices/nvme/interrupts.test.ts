@@ -1,8 +1,8 @@
 // Interrupts: MSI-X vector per completion queue delivered through the client's eventfds, interrupt
 // coalescing, and INTx with level semantics when MSI-X is off (INTMS/INTMC masking).
 import { afterEach, describe, expect, it } from 'vitest';
-import { AdminOpcode, FeatureId, IoOpcode } from '../../../lib/nvme/spec/constants';
-import { Reg, cqHeadDoorbell } from '../../../lib/nvme/spec/registers';
+import { AdminOpcode, FeatureId, IoOpcode } from '../../../lib/nvme/constants';
+import { Reg, cqHeadDoorbell } from '../../../lib/nvme/registers';
 import { PciIrq } from '../../../lib/protocol/constants';
 import { PAGE, Rig, tick } from './rig';
 import { useFdLeakCheck } from '../../helpers/fds';

@@ -3,7 +3,7 @@
 import { createHash } from 'node:crypto';
 import { afterEach, describe, expect, it } from 'vitest';
 import { RamBackend } from '../../../lib/block';
-import { AdminOpcode, FeatureId, IoOpcode, Status } from '../../../lib/nvme/spec/constants';
+import { AdminOpcode, FeatureId, IoOpcode, Status } from '../../../lib/nvme/constants';
 import { createMemfd } from '../../../lib/native/memfd';
 import { Mapping } from '../../../lib/native/mapping';
 import { DmaMapFlags } from '../../../lib/protocol/constants';

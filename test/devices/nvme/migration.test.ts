@@ -6,7 +6,7 @@
  */
 import { describe, expect, it } from 'vitest';
 import type { MigrationHooks } from '../../../lib/server/migration';
-import { AdminOpcode, IoOpcode } from '../../../lib/nvme/spec/constants';
+import { AdminOpcode, IoOpcode } from '../../../lib/nvme/constants';
 import { HostQueue, Rig, sc, type Completion } from './rig';
 
 /** Stops the rig's controller and reads its whole stream. */

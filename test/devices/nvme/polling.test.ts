@@ -2,7 +2,7 @@
 // the latency from a doorbell store in the mapped page to the completion, in each phase. Prints
 // one JSON line; the assertions are loose bounds so that a loaded CI machine still passes.
 import { afterEach, describe, expect, it } from 'vitest';
-import { AdminOpcode, IoOpcode } from '../../../lib/nvme/spec/constants';
+import { AdminOpcode, IoOpcode } from '../../../lib/nvme/constants';
 import { DEFAULT_POLL_POLICY } from '../../../lib/pci/poller';
 import { Mapping } from '../../../lib/native/mapping';
 import { PciRegion } from '../../../lib/protocol/constants';

@@ -3,8 +3,8 @@
 // never throws, and every completion it posts carries a well-formed status with the right phase.
 import * as fc from 'fast-check';
 import { describe, expect, it } from 'vitest';
-import { AdminOpcode, IoOpcode, Status, statusCode } from '../../../lib/nvme/spec/constants';
-import { Reg } from '../../../lib/nvme/spec/registers';
+import { AdminOpcode, IoOpcode, Status, statusCode } from '../../../lib/nvme/constants';
+import { Reg } from '../../../lib/nvme/registers';
 import { PAGE, Rig, tick, type Command, type Completion } from './rig';
 
 const DATA_SIZE = 1 << 20;

@@ -2,8 +2,8 @@
 import { afterEach, describe, expect, it } from 'vitest';
 import { NvmeController } from '../../../lib/devices/nvme/controller';
 import { RamBackend } from '../../../lib/block';
-import { AdminOpcode, Status } from '../../../lib/nvme/spec/constants';
-import { Cc, Csts, Reg, cqHeadDoorbell, sqTailDoorbell } from '../../../lib/nvme/spec/registers';
+import { AdminOpcode, Status } from '../../../lib/nvme/constants';
+import { Cc, Csts, Reg, cqHeadDoorbell, sqTailDoorbell } from '../../../lib/nvme/registers';
 import { PciRegion } from '../../../lib/protocol/constants';
 import { ClassCode } from '../../../lib/pci/ids';
 import { Rig, gate, tick, wrapBackend } from './rig';

@@ -12,8 +12,8 @@ import { DmaSpace } from '../../../lib/server/dma';
 import { IrqTable } from '../../../lib/server/irq';
 import { NvmeController, type NvmeControllerOptions } from '../../../lib/devices/nvme/controller';
 import { RamBackend, type BlockBackend } from '../../../lib/block';
-import { AdminOpcode } from '../../../lib/nvme/spec/constants';
-import { Reg, cqHeadDoorbell, sqTailDoorbell } from '../../../lib/nvme/spec/registers';
+import { AdminOpcode } from '../../../lib/nvme/constants';
+import { Reg, cqHeadDoorbell, sqTailDoorbell } from '../../../lib/nvme/registers';
 
 export const PAGE = 4096;
 

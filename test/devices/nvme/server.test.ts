@@ -4,8 +4,8 @@
 import { afterEach, describe, expect, it } from 'vitest';
 import { NvmeController } from '../../../lib/devices/nvme/controller';
 import { RamBackend } from '../../../lib/block';
-import { AdminOpcode, IoOpcode } from '../../../lib/nvme/spec/constants';
-import { Reg } from '../../../lib/nvme/spec/registers';
+import { AdminOpcode, IoOpcode } from '../../../lib/nvme/constants';
+import { Reg } from '../../../lib/nvme/registers';
 import { binding } from '../../../lib/native/binding';
 import { Fd } from '../../../lib/native/fd';
 import { Mapping } from '../../../lib/native/mapping';

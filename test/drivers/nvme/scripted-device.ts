@@ -19,7 +19,7 @@ import { DmaError } from '../../../lib/server/dma';
 import type { ResetReason } from '../../../lib/server/device';
 import { PciDevice } from '../../../lib/pci/device';
 import { ClassCode } from '../../../lib/pci/ids';
-import { AdminOpcode, FeatureId, IoOpcode, Status } from '../../../lib/nvme/spec/constants';
+import { AdminOpcode, FeatureId, IoOpcode, Status } from '../../../lib/nvme/constants';
 
 const BAR0_SIZE = 0x4000;
 const DOORBELLS = 0x1000;
