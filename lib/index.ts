@@ -62,6 +62,8 @@ export {
   type IoQueuePairOptions,
 } from './drivers/nvme';
 export * as nvmeDriver from './drivers/nvme';
+/** The NVMe specification as data (opcodes, statuses, registers, command fields, structures). */
+export * as nvme from './nvme';
 export { Connection, IncomingMessage, type ConnectionOptions, type Reply, type ReplyCallback, type RequestOptions, type Body } from './transport/connection';
 export { VfioUserError, ProtocolError } from './protocol/errors';
 export * as protocol from './protocol';
