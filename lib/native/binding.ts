@@ -191,7 +191,9 @@ function load(): NativeBinding {
   // node-gyp-build picks prebuilds/<platform>-<arch>/ first, then build/Release (a source build).
   // eslint-disable-next-line @typescript-eslint/no-require-imports
   const nodeGypBuild = require('node-gyp-build') as (dir: string) => unknown;
-  return nodeGypBuild(PACKAGE_ROOT) as NativeBinding;
+  // The addon's exports object has dictionary-mode properties, which makes every `binding.x` on
+  // the data path a slow lookup (measured: ~7% of a server's user time); a plain copy is fast.
+  return Object.freeze({ ...(nodeGypBuild(PACKAGE_ROOT) as NativeBinding) });
 }
 
 export const binding: NativeBinding = load();
