@@ -12,7 +12,8 @@
             "native/mmap.cc",
             "native/poller.cc",
             "native/scm.cc",
-            "native/socket.cc"
+            "native/socket.cc",
+            "native/uring.cc"
           ],
           "include_dirs": [
             "<!(node -p \"require('node-addon-api').include_dir\")"

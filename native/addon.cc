@@ -1,6 +1,8 @@
 // Module init: one table of functions, one table of constants, per-environment instance data.
 // Node-API modules are context-aware, so this loads in worker_threads and in several at once.
 #include <fcntl.h>
+#include <linux/falloc.h>
+#include <linux/fs.h>
 #include <sys/eventfd.h>
 #include <sys/mman.h>
 #include <unistd.h>
@@ -45,7 +47,11 @@ constexpr int kScmMaxFd = 253;
   V("F_SEAL_GROW", F_SEAL_GROW)               \
   V("F_SEAL_WRITE", F_SEAL_WRITE)             \
   V("SCM_MAX_FD", kScmMaxFd)                  \
-  V("EAGAIN", EAGAIN)
+  V("EAGAIN", EAGAIN)                         \
+  V("RWF_DSYNC", RWF_DSYNC)                   \
+  V("FALLOC_FL_KEEP_SIZE", FALLOC_FL_KEEP_SIZE) \
+  V("FALLOC_FL_PUNCH_HOLE", FALLOC_FL_PUNCH_HOLE) \
+  V("FALLOC_FL_ZERO_RANGE", FALLOC_FL_ZERO_RANGE)
 
 void NoopFinalize(Napi::Env /*env*/, void* /*data*/) {}
 
@@ -71,6 +77,7 @@ Napi::Object Init(Napi::Env env, Napi::Object exports) {
   exports.Set("faultEpoch", Napi::TypedArrayOf<int32_t>::New(env, 1, epoch, 0, napi_int32_array));
   exports.Set("pollEvents", PollEvents(env));
   exports.Set("Poller", DefinePoller(env));
+  exports.Set("IoUring", DefineIoUring(env));
   return exports;
 }
 

@@ -5,7 +5,7 @@
  * cut back to its old size.
  */
 import * as fs from 'node:fs';
-import { FileBackend } from '../block';
+import { FileBackend, type FileBackendOptions } from '../block';
 
 export class Provisional {
   #created: string[] = [];
@@ -24,8 +24,8 @@ export class Provisional {
    * for an existing file or block device). Creating a file needs a size; the size must be a whole
    * number of `blockSize` blocks.
    */
-  openBacking(file: string, options: { size: number | undefined; blockSize: number; readOnly?: boolean }): FileBackend {
-    const { size, blockSize, readOnly = false } = options;
+  openBacking(file: string, options: { size: number | undefined; blockSize: number; readOnly?: boolean } & Pick<FileBackendOptions, 'engine' | 'direct'>): FileBackend {
+    const { size, blockSize, readOnly = false, engine, direct } = options;
     let before: fs.Stats | null = null;
     try {
       before = fs.statSync(file);
@@ -37,7 +37,7 @@ export class Provisional {
     if (size !== undefined) checkBlockMultiple(`--size ${String(size)}`, size, blockSize);
     let backend: FileBackend;
     try {
-      backend = FileBackend.open(file, { ...(size === undefined ? {} : { size }), readOnly });
+      backend = FileBackend.open(file, { ...(size === undefined ? {} : { size }), readOnly, ...(engine !== undefined ? { engine } : {}), ...(direct !== undefined ? { direct } : {}) });
     } catch (err) {
       if (before === null) fs.rmSync(file, { force: true });
       throw err;

@@ -7,7 +7,7 @@ import * as fs from 'node:fs';
 import { Idio16Device } from '../devices/gpio/idio16';
 import { NvmeController } from '../devices/nvme/controller';
 import { VirtioBlkDevice } from '../devices/virtio-blk/device';
-import { NbdBackend, RamBackend, type BlockBackend } from '../block';
+import { FileBackend, NbdBackend, RamBackend, type BlockBackend, type FileBackendOptions } from '../block';
 import { VfioUserServer, type ServerOptions } from '../server/server';
 import type { VfioUserDevice } from '../server/device';
 import type { CliCommand } from './command';
@@ -35,6 +35,9 @@ nvme options:
                        size is the export's; I/O waits while the server is away (30 s at most)
   --nbd-connections N  NBD connections when the server allows several, 1..16 (default 4)
   --read-only          a write-protected namespace (any backend; writes fail)
+  --aio ENGINE         --file I/O: io_uring (default where the kernel allows it; the ready line
+                       says when it does not, and why) or threads (libuv's thread pool)
+  --direct             --file with O_DIRECT: no host page cache
   --queues N           I/O queue pairs, 1..64 (default 16)
   --block-size B       logical block size, 512 or 4096 (default 512)
   --serial S           serial number (default: random)
@@ -109,6 +112,8 @@ export const serveCommand: CliCommand = {
     'read-only': { type: 'boolean' },
     nbd: { type: 'string' },
     'nbd-connections': { type: 'string' },
+    aio: { type: 'string' },
+    direct: { type: 'boolean' },
   },
   async run(positionals, values) {
     const [device, given] = positionals;
@@ -198,7 +203,7 @@ export const serveCommand: CliCommand = {
 /** The options only some devices take (the rest apply to every device). */
 const DEVICE_OPTIONS: Record<string, readonly string[]> = {
   gpio: [],
-  nvme: ['size', 'file', 'queues', 'block-size', 'serial', 'model', 'trace', 'doorbells', 'read-only', 'nbd', 'nbd-connections'],
+  nvme: ['size', 'file', 'queues', 'block-size', 'serial', 'model', 'trace', 'doorbells', 'read-only', 'nbd', 'nbd-connections', 'aio', 'direct'],
   'virtio-blk': ['size', 'file', 'queues', 'block-size', 'serial', 'trace', 'notify', 'read-only', 'nbd', 'nbd-connections'],
 };
 
@@ -361,9 +366,17 @@ async function openDisk(values: Record<string, string | boolean | undefined>, bl
     }
     return { backend: nbd, blockSize };
   }
-  if (values.file !== undefined) return { backend: provisional.openBacking(String(values.file), { size, blockSize, readOnly }), blockSize };
+  if (values.file !== undefined) return { backend: provisional.openBacking(String(values.file), { size, blockSize, readOnly, ...fileIoOptions(values) }), blockSize };
   if (size !== undefined) checkBlockMultiple(`--size ${size}`, size, blockSize);
   return { backend: new RamBackend(size ?? 2 ** 30, { readOnly }), blockSize };
+}
+
+/** nvme's --aio and --direct, for a FileBackend. */
+function fileIoOptions(values: Record<string, string | boolean | undefined>): Pick<FileBackendOptions, 'engine' | 'direct'> {
+  const aio = values.aio;
+  if (aio !== undefined && aio !== 'io_uring' && aio !== 'threads') throw new Error(`--aio must be io_uring or threads, got '${String(aio)}'`);
+  if ((aio !== undefined || values.direct === true) && values.file === undefined) throw new Error('--aio and --direct need --file');
+  return { engine: aio === 'threads' ? 'threadpool' : aio === 'io_uring' ? 'io_uring' : 'auto', direct: values.direct === true };
 }
 
 /** Builds a device on `backend`; if that fails (a bad option), the backend is closed: an NBD backend's sockets would keep the process alive. */
@@ -392,7 +405,8 @@ async function serveDisk(socket: string, options: ServerOptions, json: boolean, 
   });
   const say = sayer(json);
   const nbd = backend instanceof NbdBackend ? backend : null;
-  const backing = `${nbd !== null ? `nbd ${nbd.uri}` : values.file !== undefined ? `file ${String(values.file)}` : 'RAM'}${backend.readOnly === true ? ', read-only' : ''}`;
+  const file = backend instanceof FileBackend ? `, ${backend.engine}${backend.engineNote !== undefined ? ` (${backend.engineNote})` : ''}` : '';
+  const backing = `${nbd !== null ? `nbd ${nbd.uri}` : values.file !== undefined ? `file ${String(values.file)}${file}` : 'RAM'}${backend.readOnly === true ? ', read-only' : ''}`;
   nbd?.on('disconnect', (err: Error) => say({ event: 'nbd-disconnect', error: err.message }, `NBD server lost (${err.message}): I/O waits while reconnecting`));
   nbd?.on('reconnect', () => say({ event: 'nbd-reconnect' }, 'NBD server back: I/O resumes'));
   reportServer(server, say);

@@ -13,3 +13,4 @@ export { Fd } from './fd';
 export { Mapping, type MappingState } from './mapping';
 export { EventFd, type EventFdListener, type EventFdOptions } from './eventfd';
 export { createMemfd, isSealedAgainstShrinking, sealSize, SIZE_SEALS, type MemfdOptions } from './memfd';
+export { IoUring, uringConstants, URING_MAX_IOVECS } from './uring';

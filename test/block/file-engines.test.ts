@@ -1,0 +1,116 @@
+// FileBackend's engines: io_uring and the libuv thread pool give the same results; O_DIRECT with
+// buffers it refuses falls back to a buffered descriptor; every fd is closed exactly once.
+import * as fs from 'node:fs';
+import * as os from 'node:os';
+import * as path from 'node:path';
+import { afterEach, beforeEach, describe, expect, it } from 'vitest';
+import { FileBackend, type FileEngine } from '../../lib/block';
+import { binding, createMemfd } from '../../lib/native';
+import { pattern } from '../devices/nvme/rig';
+import { useFdLeakCheck } from '../helpers/fds';
+
+useFdLeakCheck();
+let dir: string;
+beforeEach(() => {
+  dir = fs.mkdtempSync(path.join(os.tmpdir(), 'file-engines-'));
+});
+afterEach(() => {
+  fs.rmSync(dir, { recursive: true, force: true });
+});
+
+const uring = (() => {
+  try {
+    const b = FileBackend.open(path.join(os.tmpdir(), `uring-probe-${process.pid}`), { size: 4096, engine: 'io_uring' });
+    void b.close().then(() => fs.rmSync(b.path, { force: true }));
+    return true;
+  } catch {
+    return false;
+  }
+})();
+
+describe.each<FileEngine>(['io_uring', 'threadpool'])('FileBackend engine %s', (engine) => {
+  it.skipIf(engine === 'io_uring' && !uring)('reads, writes (FUA too), scatters, zeroes, discards and flushes', async () => {
+    const p = path.join(dir, 'disk.img');
+    const file = FileBackend.open(p, { size: 1 << 20, engine });
+    expect(file.engine).toBe(engine);
+    expect(file.engineNote).toBeUndefined();
+    const parts = [pattern(512, 1), pattern(3584, 2)];
+    await Promise.all([file.writev(0, parts, false), file.write(8192, pattern(4096, 3), true)]);
+    const back = [Buffer.alloc(1000), Buffer.alloc(3096)];
+    await file.readv(0, back);
+    expect(Buffer.concat(back)).toEqual(Buffer.concat(parts));
+    const three = Buffer.alloc(4096);
+    await file.read(8192, three);
+    expect(three).toEqual(pattern(4096, 3));
+    await file.writeZeroes(8192 + 512, 1024, true);
+    await file.read(8192, three);
+    expect(three.subarray(512, 1536).every((x) => x === 0)).toBe(true);
+    expect(three.subarray(1536)).toEqual(pattern(4096, 3).subarray(1536));
+    await file.discard(0, 4096);
+    await file.flush();
+    // Many at once: more than the ring's slots.
+    const many = Array.from({ length: 600 }, (_, i) => file.write(i * 1024, Buffer.alloc(1024, i & 0xff), false));
+    await Promise.all(many);
+    const check = Buffer.alloc(1024);
+    await file.read(599 * 1024, check);
+    expect(check.every((x) => x === (599 & 0xff))).toBe(true);
+    await file.close();
+    await file.close();
+    expect(() => file.fd).toThrow(/closed/);
+    expect(fs.readFileSync(p).subarray(599 * 1024, 600 * 1024)).toEqual(check);
+  });
+
+  it.skipIf(engine === 'io_uring' && !uring)('a read past the end of a shorter file reads zeroes; a read-only file refuses writes', async () => {
+    const p = path.join(dir, 'ro.img');
+    fs.writeFileSync(p, pattern(6000, 7));
+    const file = FileBackend.open(p, { readOnly: true, engine });
+    const b = Buffer.alloc(4096, 0xee);
+    await file.read(4096, b.subarray(0, 1904));
+    expect(b.subarray(0, 1904)).toEqual(pattern(6000, 7).subarray(4096));
+    await expect(file.write(0, Buffer.alloc(512), false)).rejects.toMatchObject({ code: 'EROFS' });
+    await file.close();
+  });
+
+  it.skipIf(engine === 'io_uring' && !uring)('I/O errors reject with code, errno and syscall', async () => {
+    const p = path.join(dir, 'dir-is-not-a-file');
+    fs.mkdirSync(p);
+    // A directory opens read-only but cannot be read: EISDIR from the kernel.
+    const file = FileBackend.open(p, { readOnly: true, size: 4096, engine });
+    const err = await file.read(0, Buffer.alloc(512)).catch((e: unknown) => e as NodeJS.ErrnoException);
+    expect(err).toMatchObject({ code: 'EISDIR', syscall: 'read' });
+    await file.close();
+  });
+});
+
+describe.skipIf(!uring)('FileBackend direct', () => {
+  it('O_DIRECT I/O on aligned guest memory; unaligned buffers go through the buffered fd', async () => {
+    const p = path.join(dir, 'direct.img');
+    let file: FileBackend;
+    try {
+      file = FileBackend.open(p, { size: 1 << 20, direct: true });
+    } catch (err) {
+      if ((err as NodeJS.ErrnoException).code === 'EINVAL') return; // no O_DIRECT on this file system
+      throw err;
+    }
+    // Guest memory: page-aligned, as DMA views are.
+    const memfd = createMemfd('guest', 1 << 16);
+    const { PROT_READ, PROT_WRITE } = binding.constants;
+    const memory = binding.mmap(memfd.value, 0, 1 << 16, PROT_READ | PROT_WRITE);
+    try {
+      const aligned = Buffer.from(memory, 0, 8192);
+      aligned.set(pattern(8192, 5));
+      await file.write(0, aligned, true);
+      const odd = Buffer.alloc(1000);
+      await file.read(3, odd);
+      expect(odd).toEqual(pattern(8192, 5).subarray(3, 1003));
+      await file.write(5, Buffer.from('hello'), false);
+      const into = Buffer.from(memory, 16384, 4096);
+      await file.read(0, into);
+      expect(into.subarray(5, 10).toString()).toBe('hello');
+    } finally {
+      binding.munmap(memory);
+      memfd.close();
+      await file.close();
+    }
+  });
+});
