@@ -23,10 +23,10 @@
  * off, INTx with level semantics: asserted while any completion queue with interrupts enabled holds
  * entries the host has not consumed (masked per vector by INTMS/INTMC).
  *
- * This file holds the state machine and the command loop; its parts live beside it: registers.ts
- * (the register file), queue-table.ts, doorbell-updates.ts (doorbells, shadow doorbells, polling),
- * interrupts.ts, migration.ts, identity.ts (options and Identify data), admin.ts and io.ts (the
- * command sets).
+ * This file holds the state machine; its parts live beside it: command-loop.ts (fetch, execute,
+ * post), registers.ts (the register file), queue-table.ts, doorbell-updates.ts (doorbells, shadow
+ * doorbells, polling), interrupts.ts, migration.ts, identity.ts (options and Identify data),
+ * admin.ts and io.ts (the command sets).
  *
  * Guest errors are completion statuses, never exceptions (admin.ts, io.ts); exceptions from the
  * command loop mean bugs and become Internal Error completions plus a trace line.
@@ -37,26 +37,27 @@ import { PciDevice, StopReason } from '../../pci/device';
 import { ClassCode } from '../../pci/ids';
 import { Errno, PciIrq } from '../../protocol/constants';
 import type { ResetReason } from '../../server/device';
-import { AsyncEvents, ErrorLog, Features, adminCommand, temperatureWarning, type AdminContext } from './admin';
+import { AsyncEvents, ErrorLog, Features, temperatureWarning, type AdminContext } from './admin';
 import type { BlockBackend } from '../../block/backend';
 import { RamBackend } from '../../block/ram';
 import type { BulkData } from '../../server/state-stream';
 import { MigrationRefusedError, fromBase64, toBase64 } from '../../server/state-stream';
-import { AdminOpcode, AerType, CriticalWarning, LogId, Status, statusCode } from '../../nvme/constants';
+import { AerType, CriticalWarning, LogId, Status } from '../../nvme/constants';
 import { Aqa, Cc, Csts, Shn, Shst, ccShutdown } from '../../nvme/registers';
 import { Sqe } from '../../nvme/structs';
 import { AdaptivePoller, DEFAULT_POLL_POLICY } from '../../pci/poller';
 import type { ControllerIdentity, HealthCounters, NamespaceIdentity } from './builders';
+import { CommandLoop, hex } from './command-loop';
 import { DoorbellUpdates } from './doorbell-updates';
 import { DoorbellPage, type DoorbellMode } from './doorbells';
 import { AERL, ELPE, TEMPERATURE, WCTEMP, controllerShape, identities, type NvmeControllerOptions } from './identity';
 import { CompletionInterrupts } from './interrupts';
-import { ioCommand, type IoContext, type IoStats } from './io';
-import { noteWritten, restoreState, saveState, type MigratingParts } from './migration';
+import type { IoContext, IoStats } from './io';
+import { restoreState, saveState, type MigratingParts } from './migration';
 import { QueueTable } from './queue-table';
 import { CompletionQueue, SubmissionQueue, cqDoorbellIndex, sqDoorbellIndex, type QueuedRequest } from './queues';
 import { BAR0_SIZE, MPSMAX, MPSMIN, RegisterFile, capValue } from './registers';
-import { DEFERRED, type HandlerResult, type Request } from './request';
+import type { Request } from './request';
 import { RamNamespaceData, checkNvmeState, type NvmeState } from './state';
 
 export type { NvmeControllerOptions } from './identity';
@@ -67,8 +68,6 @@ const READY_TIMEOUT_MS = 10_000;
 const MSIX_BAR = 4;
 const MSIX_BAR_SIZE = 0x1000;
 const MSIX_PBA_OFFSET = 0x800;
-/** Commands fetched per processing pass before yielding to the event loop. */
-const PASS_BUDGET = 256;
 
 /** SMART counters kept by the controller. */
 interface Stats extends IoStats {
@@ -108,22 +107,7 @@ export class NvmeController extends PciDevice implements AdminContext, IoContext
   private readonly queues: QueueTable;
   private readonly doorbells: DoorbellUpdates;
   private readonly interrupts: CompletionInterrupts;
-  /** Generation: bumped by every reset; completions of older commands are dropped. */
-  private epoch = 0;
-  /** Handlers whose promise has not settled (backend I/O, DMA in progress). */
-  private busy = 0;
-  private idleWaiters: (() => void)[] = [];
-  private busySince = 0;
-  private busyMs = 0;
-  private processing = false;
-  private again = false;
-  private processScheduled = false;
-  private readonly processLater = () => {
-    this.processScheduled = false;
-    this.process();
-  };
-  /** The admin command being executed (its CID is what a deferred Delete I/O SQ is saved with). */
-  private executingAdmin: QueuedRequest | null = null;
+  private readonly loop: CommandLoop;
   private resetting = false;
   private resetTimer: NodeJS.Timeout | null = null;
   private shuttingDown = false;
@@ -198,7 +182,7 @@ export class NvmeController extends PciDevice implements AdminContext, IoContext
     this.vectors = vectors;
     this.trace = options.trace;
     this.features = new Features(vectors, WCTEMP);
-    this.events = new AsyncEvents(AERL + 1, (req, status) => this.finish(req, status));
+    this.events = new AsyncEvents(AERL + 1, (req, status) => this.loop.finish(req, status));
     this.regs = new RegisterFile(capValue({ maxQueueEntries: shape.maxQueueEntries, timeoutMs: READY_TIMEOUT_MS }), page, {
       ccWritten: (old, next) => this.ccWritten(old, next),
       intmsChanged: () => this.interrupts.updateIntx(),
@@ -221,8 +205,8 @@ export class NvmeController extends PciDevice implements AdminContext, IoContext
       get recording() {
         return ctrl.paused && ctrl.live;
       },
-      process: () => this.process(),
-      cqHeadMoved: (cq) => this.cqHeadMoved(cq),
+      process: () => this.loop.process(),
+      cqHeadMoved: (cq) => this.loop.cqHeadMoved(cq),
       raiseEvent: (type, info, log) => this.events.raise(type, info, log),
       wake: () => this.poller.wake(),
       trace: this.trace,
@@ -253,6 +237,29 @@ export class NvmeController extends PciDevice implements AdminContext, IoContext
     this.controllerIdentity = ids.controller;
     this.namespaceIdentity = ids.namespace;
     this.ramData = options.backend instanceof RamBackend ? new RamNamespaceData(options.backend) : null;
+    this.loop = new CommandLoop(
+      {
+        get running() {
+          return ctrl.running;
+        },
+        get frozen() {
+          return ctrl.frozen;
+        },
+        fail: (why) => this.fail(why),
+      },
+      {
+        context: this,
+        features: this.features,
+        errors: this.errors,
+        queues: this.queues,
+        doorbells: this.doorbells,
+        interrupts: this.interrupts,
+        poller: this.poller,
+        ramData: this.ramData,
+        blockSize: this.blockSize,
+        trace: this.trace,
+      },
+    );
     this.enableMigration();
   }
 
@@ -287,7 +294,7 @@ export class NvmeController extends PciDevice implements AdminContext, IoContext
 
   /** Commands whose backend I/O is in progress. */
   get inFlight(): number {
-    return this.busy;
+    return this.loop.busy;
   }
 
   sq(qid: number): SubmissionQueue | null {
@@ -301,10 +308,10 @@ export class NvmeController extends PciDevice implements AdminContext, IoContext
   /** Stops polling, abandons queued work, waits for in-flight I/O, closes the backend. Idempotent. */
   close(): Promise<void> {
     this.closed ??= (async () => {
-      this.epoch++;
+      this.loop.epoch++;
       this.teardown();
       this.regs.csts = 0;
-      await this.whenIdle();
+      await this.loop.whenIdle();
       this.doorbellPage.close();
       await this.backend.close();
     })();
@@ -385,25 +392,25 @@ export class NvmeController extends PciDevice implements AdminContext, IoContext
    * when the backend I/O already started has finished. Resolves then.
    */
   private controllerReset(why: string): Promise<void> {
-    this.epoch++;
+    this.loop.epoch++;
     this.teardown();
-    this.trace?.(`nvme: reset (${why}), ${this.busy} command(s) still in the backend`);
-    if (this.busy === 0) {
+    this.trace?.(`nvme: reset (${why}), ${this.loop.busy} command(s) still in the backend`);
+    if (this.loop.busy === 0) {
       this.finishReset();
       return Promise.resolve();
     }
     this.resetting = true;
-    const epoch = this.epoch;
+    const epoch = this.loop.epoch;
     if (this.resetTimer !== null) clearTimeout(this.resetTimer);
     this.resetTimer = setTimeout(() => {
-      if (this.resetting && this.epoch === epoch) {
+      if (this.resetting && this.loop.epoch === epoch) {
         this.regs.csts |= Csts.CFS;
         this.trace?.(`nvme: reset exceeded CAP.TO (${READY_TIMEOUT_MS} ms): CSTS.CFS`);
       }
     }, READY_TIMEOUT_MS);
     this.resetTimer.unref();
-    this.resetDone = this.whenIdle().then(() => {
-      if (this.epoch === epoch) this.finishReset();
+    this.resetDone = this.loop.whenIdle().then(() => {
+      if (this.loop.epoch === epoch) this.finishReset();
     });
     return this.resetDone;
   }
@@ -431,11 +438,11 @@ export class NvmeController extends PciDevice implements AdminContext, IoContext
   }
 
   private shutdown(kind: number): void {
-    const epoch = this.epoch;
+    const epoch = this.loop.epoch;
     this.shuttingDown = true;
     this.regs.csts = (this.regs.csts & ~Csts.SHST_MASK) | (Shst.OCCURRING << Csts.SHST_SHIFT);
     this.trace?.(`nvme: ${kind === Shn.ABRUPT ? 'abrupt' : 'normal'} shutdown`);
-    this.shutdownDone = this.whenIdle()
+    this.shutdownDone = this.loop.whenIdle()
       .then(() => this.backend.flush())
       .then(
         () => true,
@@ -445,7 +452,7 @@ export class NvmeController extends PciDevice implements AdminContext, IoContext
         },
       )
       .then((ok) => {
-        if (this.epoch !== epoch) return;
+        if (this.loop.epoch !== epoch) return;
         this.regs.csts = (this.regs.csts & ~Csts.SHST_MASK) | (Shst.COMPLETE << Csts.SHST_SHIFT) | (ok ? 0 : Csts.CFS);
         this.trace?.('nvme: shutdown complete');
       });
@@ -478,8 +485,8 @@ export class NvmeController extends PciDevice implements AdminContext, IoContext
   protected override async onStop(reason: number): Promise<void> {
     this.paused = true;
     this.poller.stop();
-    this.trace?.(`nvme: stopping (${reason === StopReason.MIGRATION ? 'migration' : 'client gone, state kept'}), ${this.busy} command(s) in the backend`);
-    await this.whenIdle();
+    this.trace?.(`nvme: stopping (${reason === StopReason.MIGRATION ? 'migration' : 'client gone, state kept'}), ${this.loop.busy} command(s) in the backend`);
+    await this.loop.whenIdle();
     await this.resetDone;
     await this.shutdownDone;
     this.interrupts.flushNow();
@@ -499,12 +506,12 @@ export class NvmeController extends PciDevice implements AdminContext, IoContext
   protected override onRun(): void {
     this.paused = false;
     this.frozen = false;
-    for (const cq of this.queues.activeCqs) if (cq.waiting.length > 0) this.cqHeadMoved(cq);
+    for (const cq of this.queues.activeCqs) if (cq.waiting.length > 0) this.loop.cqHeadMoved(cq);
     this.interrupts.refire();
     this.trace?.('nvme: running');
     this.poller.wake();
     if (this.doorbells.pollable) this.doorbells.poll();
-    this.process();
+    this.loop.process();
   }
 
   protected override migrationKind(): string {
@@ -593,7 +600,7 @@ export class NvmeController extends PciDevice implements AdminContext, IoContext
   }
 
   private applyState(s: NvmeState, page: Buffer): void {
-    this.epoch++;
+    this.loop.epoch++;
     this.teardown();
     const r = this.regs;
     r.cc = s.regs.cc;
@@ -606,10 +613,10 @@ export class NvmeController extends PciDevice implements AdminContext, IoContext
     r.intms = s.regs.intms;
     r.pageSize = s.regs.pageSize;
     this.doorbellPage.bytes.set(page);
-    restoreState(this.migratingParts(), s, this.epoch, (sq, req) => {
-      this.executingAdmin = req;
-      this.deleteSq(sq, () => this.finish(req, Status.SUCCESS));
-      this.executingAdmin = null;
+    restoreState(this.migratingParts(), s, this.loop.epoch, (sq, req) => {
+      this.loop.executingAdmin = req;
+      this.deleteSq(sq, () => this.loop.finish(req, Status.SUCCESS));
+      this.loop.executingAdmin = null;
     });
     this.criticalWarning = s.criticalWarning;
     this.trace?.(`nvme: state loaded (${this.queues.activeSqs.length} SQs, ${this.queues.activeCqs.length} CQs)`);
@@ -624,37 +631,7 @@ export class NvmeController extends PciDevice implements AdminContext, IoContext
     super.irqsChanged(index);
   }
 
-  // ---- busy accounting ----
-
-  private busyEnter(): void {
-    if (this.busy++ === 0) this.busySince = performance.now();
-  }
-
-  private busyLeave(): void {
-    if (--this.busy > 0) return;
-    this.busyMs += performance.now() - this.busySince;
-    const waiters = this.idleWaiters;
-    this.idleWaiters = [];
-    for (const w of waiters) w();
-  }
-
-  private whenIdle(): Promise<void> {
-    if (this.busy === 0) return Promise.resolve();
-    return new Promise((resolve) => this.idleWaiters.push(resolve));
-  }
-
   // ---- doorbells and queues ----
-
-  /** The host consumed completions: post what waited for room, re-evaluate INTx. */
-  private cqHeadMoved(cq: CompletionQueue): void {
-    if (this.frozen) return; // posted when resumed
-    const waiting = cq.waiting;
-    while (waiting.length > 0 && !cq.full) {
-      const req = waiting.shift()!;
-      if (!this.post(req)) return;
-    }
-    if (this.interrupts.intxAsserted) this.interrupts.updateIntx();
-  }
 
   configureShadowDoorbells(dbs: number, eis: number): number {
     return this.doorbells.configureShadows(dbs, eis);
@@ -677,11 +654,11 @@ export class NvmeController extends PciDevice implements AdminContext, IoContext
   }
 
   deleteSq(sq: SubmissionQueue, done: () => void): void {
-    const cid = this.executingAdmin?.cid ?? 0;
-    const epoch = this.epoch;
+    const cid = this.loop.executingAdmin?.cid ?? 0;
+    const epoch = this.loop.epoch;
     const remove = () => {
       this.queues.deletions.delete(sq);
-      if (this.epoch !== epoch) return;
+      if (this.loop.epoch !== epoch) return;
       this.queues.removeSq(sq);
       done();
     };
@@ -697,136 +674,9 @@ export class NvmeController extends PciDevice implements AdminContext, IoContext
     this.interrupts.forget(cq);
   }
 
-  // ---- processing ----
-
-  /** Fetches and runs commands, round-robin across submission queues, until none is ready. */
-  private process(): void {
-    if (this.processing) {
-      this.again = true;
-      return;
-    }
-    this.processing = true;
-    try {
-      let budget = PASS_BUDGET;
-      do {
-        this.again = false;
-        budget = this.runQueues(budget);
-      } while (this.again && budget > 0);
-      if (budget <= 0) this.scheduleProcess();
-    } finally {
-      this.processing = false;
-    }
-  }
-
-  private scheduleProcess(): void {
-    if (this.processScheduled) return;
-    this.processScheduled = true;
-    setImmediate(this.processLater);
-  }
-
-  private runQueues(budget: number): number {
-    const burst = this.features.burst;
-    let progress = true;
-    while (progress && budget > 0 && this.running) {
-      progress = false;
-      const list = this.queues.activeSqs;
-      const n = list.length;
-      for (let k = 0; k < n && budget > 0; k++) {
-        const sq = list[(this.queues.rr + k) % n];
-        if (sq === undefined) continue;
-        let taken = 0;
-        while (taken < burst && budget > 0 && sq.ready && this.running) {
-          this.execute(sq);
-          taken++;
-          budget--;
-          progress = true;
-        }
-      }
-      if (n > 0) this.queues.rr = (this.queues.rr + 1) % n;
-    }
-    return budget;
-  }
-
-  private execute(sq: SubmissionQueue): void {
-    const req = sq.fetch();
-    if (req === null) {
-      this.fail(`cannot read SQ ${sq.id} entry ${sq.head} at 0x${sq.iova.toString(16)}`);
-      return;
-    }
-    req.epoch = this.epoch;
-    let result: HandlerResult;
-    try {
-      if (sq.id === 0) {
-        this.executingAdmin = req;
-        result = adminCommand(this, req);
-      } else {
-        result = ioCommand(this, req);
-      }
-    } catch (err) {
-      this.trace?.(`nvme: internal error in opcode 0x${hex(req.opcode, 2)} on SQ ${sq.id}: ${(err as Error)?.stack ?? String(err)}`);
-      result = Status.INTERNAL;
-    }
-    this.executingAdmin = null;
-    if (typeof result === 'number') {
-      if (result !== DEFERRED) this.finish(req, result);
-      return;
-    }
-    this.busyEnter();
-    req.onSettled ??= (status: number) => {
-      this.busyLeave();
-      this.finish(req, status);
-    };
-    req.onFailed ??= (err: unknown) => {
-      this.busyLeave();
-      this.trace?.(`nvme: internal error in opcode 0x${hex(req.opcode, 2)} on SQ ${req.sq.id}: ${(err as Error)?.stack ?? String(err)}`);
-      this.finish(req, Status.INTERNAL);
-    };
-    result.then(req.onSettled, req.onFailed);
-  }
-
-  /** Posts a command's completion (now, or when its CQ has room); drops it after a reset. */
+  /** Posts the completion of a request that a handler deferred (AdminContext). */
   finish(req: QueuedRequest, status: number): void {
-    const sq = req.sq;
-    // A migration's dirty log: data written, even by a command a reset dropped, goes again.
-    if (this.ramData !== null && sq.id !== 0 && this.ramData.tracking) noteWritten(this.ramData, this.dma, this.blockSize, req);
-    if (req.epoch !== this.epoch) {
-      sq.recycle(req);
-      return;
-    }
-    req.status = status;
-    if (sq.id === 0 && this.trace) this.trace(`nvme: admin ${adminName(req.opcode)} cid=${req.cid} -> ${statusText(status)}`);
-    if (status !== Status.SUCCESS) this.recordError(req, status);
-    const cq = sq.cq;
-    // A full CQ may have room already if the host moved its shadow head.
-    if (cq.full && cq.id !== 0 && this.doorbells.refreshShadowHead(cq)) this.cqHeadMoved(cq);
-    if (cq.waiting.length > 0 || cq.full || this.frozen) {
-      cq.waiting.push(req);
-      return;
-    }
-    this.post(req);
-  }
-
-  private post(req: QueuedRequest): boolean {
-    const sq = req.sq;
-    const cq = sq.cq;
-    if (!cq.post(req.dw0, req.dw1, sq.head, sq.id, req.cid, req.status)) {
-      this.fail(`cannot write CQ ${cq.id} entry ${cq.tail} at 0x${cq.iova.toString(16)}`);
-      sq.recycle(req);
-      return false;
-    }
-    const wasFull = sq.inflight >= sq.size;
-    sq.recycle(req);
-    if (wasFull && sq.pending > 0) this.scheduleProcess();
-    if (cq.ien) this.interrupts.completed(cq);
-    this.poller.wake();
-    return true;
-  }
-
-  private recordError(req: QueuedRequest, status: number): void {
-    const code = statusCode(status);
-    if (code === statusCode(Status.ABORT_REQ) || code === statusCode(Status.ABORT_QUEUE)) return;
-    this.errors.record({ sqid: req.sq.id, cid: req.cid, status, location: 0xffff, lba: req.lba, nsid: req.nsid });
-    if (req.sq.id !== 0 && this.trace) this.trace(`nvme: I/O opcode 0x${hex(req.opcode, 2)} cid=${req.cid} on SQ ${req.sq.id} -> ${statusText(status)}`);
+    this.loop.finish(req, status);
   }
 
   /** A backend operation failed (IoContext). */
@@ -838,7 +688,7 @@ export class NvmeController extends PciDevice implements AdminContext, IoContext
 
   /** Current SMART / Health counters. */
   health(): HealthCounters {
-    const busyMs = this.busyMs + (this.busy > 0 ? performance.now() - this.busySince : 0);
+    const busyMs = this.loop.busyMs + (this.loop.busy > 0 ? performance.now() - this.loop.busySince : 0);
     return {
       criticalWarning: this.criticalWarning,
       temperature: TEMPERATURE,
@@ -875,20 +725,4 @@ function u64(pair: readonly number[]): number {
   const hi = pair[1]! >>> 0;
   if (hi > 0x1f_ffff) return -1;
   return hi * 0x1_0000_0000 + (pair[0]! >>> 0);
-}
-
-function hex(v: number, width = 8): string {
-  return (v >>> 0).toString(16).padStart(width, '0');
-}
-
-const ADMIN_NAMES = new Map<number, string>(Object.entries(AdminOpcode).map(([k, v]) => [v, k]));
-
-function adminName(opcode: number): string {
-  return ADMIN_NAMES.get(opcode) ?? `0x${hex(opcode, 2)}`;
-}
-
-function statusText(status: number): string {
-  if (status === Status.SUCCESS) return 'SUCCESS';
-  for (const [name, value] of Object.entries(Status)) if (statusCode(value) === statusCode(status)) return `${name} (0x${hex(status, 4)})`;
-  return `0x${hex(status, 4)}`;
 }
