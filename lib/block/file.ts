@@ -128,6 +128,11 @@ export class FileBackend implements BlockBackend {
     return this.#fd;
   }
 
+  /** Opened with O_DIRECT (see {@link FileBackendOptions.direct}). */
+  get direct(): boolean {
+    return this.#bufferedFd !== this.#fd;
+  }
+
   async read(offset: number, dst: Buffer): Promise<void> {
     checkRange(this.size, offset, dst.length);
     await this.#read(offset, dst, dst.length);

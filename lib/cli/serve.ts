@@ -405,7 +405,7 @@ async function serveDisk(socket: string, options: ServerOptions, json: boolean, 
   });
   const say = sayer(json);
   const nbd = backend instanceof NbdBackend ? backend : null;
-  const file = backend instanceof FileBackend ? `, ${backend.engine}${backend.engineNote !== undefined ? ` (${backend.engineNote})` : ''}` : '';
+  const file = backend instanceof FileBackend ? `, ${backend.engine}${backend.engineNote !== undefined ? ` (${backend.engineNote})` : ''}${backend.direct ? ', O_DIRECT' : ''}` : '';
   const backing = `${nbd !== null ? `nbd ${nbd.uri}` : values.file !== undefined ? `file ${String(values.file)}${file}` : 'RAM'}${backend.readOnly === true ? ', read-only' : ''}`;
   nbd?.on('disconnect', (err: Error) => say({ event: 'nbd-disconnect', error: err.message }, `NBD server lost (${err.message}): I/O waits while reconnecting`));
   nbd?.on('reconnect', () => say({ event: 'nbd-reconnect' }, 'NBD server back: I/O resumes'));

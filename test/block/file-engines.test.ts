@@ -34,6 +34,7 @@ describe.each<FileEngine>(['io_uring', 'threadpool'])('FileBackend engine %s', (
     const file = FileBackend.open(p, { size: 1 << 20, engine });
     expect(file.engine).toBe(engine);
     expect(file.engineNote).toBeUndefined();
+    expect(file.direct).toBe(false);
     const parts = [pattern(512, 1), pattern(3584, 2)];
     await Promise.all([file.writev(0, parts, false), file.write(8192, pattern(4096, 3), true)]);
     const back = [Buffer.alloc(1000), Buffer.alloc(3096)];
@@ -93,6 +94,7 @@ describe.skipIf(!uring)('FileBackend direct', () => {
       throw err;
     }
     // Guest memory: page-aligned, as DMA views are.
+    expect(file.direct).toBe(true);
     const memfd = createMemfd('guest', 1 << 16);
     const { PROT_READ, PROT_WRITE } = binding.constants;
     const memory = binding.mmap(memfd.value, 0, 1 << 16, PROT_READ | PROT_WRITE);
