@@ -31,6 +31,11 @@ const MAX_SAFE_HI = 0x1f_ffff;
 export function readU64(buf: Uint8Array, offset: number): number {
   const lo = buf[offset]! | (buf[offset + 1]! << 8) | (buf[offset + 2]! << 16) | (buf[offset + 3]! << 24);
   const hi = buf[offset + 4]! | (buf[offset + 5]! << 8) | (buf[offset + 6]! << 16) | (buf[offset + 7]! << 24);
+  return joinU64(lo, hi);
+}
+
+/** A u64 from its two 32-bit halves (either sign) as a Number; -1 if it is above 2^53. */
+export function joinU64(lo: number, hi: number): number {
   const h = hi >>> 0;
   if (h > MAX_SAFE_HI) return -1;
   return h * TWO_32 + (lo >>> 0);
@@ -192,15 +197,18 @@ export class Transfer {
       this.segs = null;
       if (dma.logging && this.held.length > 0) for (let s = 0; s < segs.count; s++) dma.written(segs.iova[s]!, segs.length[s]!);
     }
-    for (const m of this.held) {
+    // Emptied by pops: setting `length` is a runtime call that also shrinks the backing store,
+    // which the next command's push grows again.
+    const held = this.held;
+    while (held.length > 0) {
       try {
-        m.release();
+        held.pop()!.release();
       } catch {
         // already released by a forced unmap; nothing to do
       }
     }
-    this.held.length = 0;
-    this.bufs.length = 0;
+    const bufs = this.bufs;
+    while (bufs.length > 0) bufs.pop();
     this.bounced = false;
   }
 

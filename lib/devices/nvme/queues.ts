@@ -153,15 +153,22 @@ export class CompletionQueue {
   post(dw0: number, dw1: number, sqHead: number, sqId: number, cid: number, status: number): boolean {
     const ring = this.ring;
     if (!ring.locate(this.tail)) return false;
-    const buf = ring.buf;
     const off = ring.off;
-    buf.writeUInt32LE(dw0 >>> 0, off + Cqe.DW0);
-    buf.writeUInt32LE(dw1 >>> 0, off + Cqe.DW1);
-    buf.writeUInt32LE((sqHead | (sqId << 16)) >>> 0, off + Cqe.SQHD);
     const dw3 = (cid & 0xffff) | ((((status & 0x7fff) << 1) | this.phase) << 16);
     const words = ring.words;
-    if (words !== null) Atomics.store(words, (off + Cqe.CID) >> 2, dw3 | 0);
-    else buf.writeInt32LE(dw3 | 0, off + Cqe.CID);
+    if (words !== null) {
+      const w = off >> 2;
+      words[w + (Cqe.DW0 >> 2)] = dw0;
+      words[w + (Cqe.DW1 >> 2)] = dw1;
+      words[w + (Cqe.SQHD >> 2)] = sqHead | (sqId << 16);
+      Atomics.store(words, w + (Cqe.CID >> 2), dw3);
+    } else {
+      const buf = ring.buf;
+      buf.writeUInt32LE(dw0 >>> 0, off + Cqe.DW0);
+      buf.writeUInt32LE(dw1 >>> 0, off + Cqe.DW1);
+      buf.writeUInt32LE((sqHead | (sqId << 16)) >>> 0, off + Cqe.SQHD);
+      buf.writeInt32LE(dw3 | 0, off + Cqe.CID);
+    }
     if (++this.tail === this.size) {
       this.tail = 0;
       this.phase ^= 1;
@@ -232,7 +239,7 @@ export class SubmissionQueue {
     const ring = this.ring;
     if (!ring.locate(this.head)) return null;
     const req = this.pool.pop() ?? new Request<SubmissionQueue>(this);
-    req.load(ring.buf, ring.off);
+    req.load(ring.buf, ring.off, ring.words);
     if (++this.head === this.size) this.head = 0;
     this.inflight++;
     return req;

@@ -10,7 +10,11 @@
  * @packageDocumentation
  */
 import { Sqe } from '../../nvme/structs';
-import { Segments, Transfer, readU64 } from './prp';
+import { Segments, Transfer, joinU64 } from './prp';
+
+/** Where an SQE outside a ring's dword view is copied to be read (little-endian dwords, as the rings). */
+const SCRATCH_WORDS = new Int32Array(Sqe.SIZE / 4);
+const SCRATCH = Buffer.from(SCRATCH_WORDS.buffer);
 
 export class Request<Queue = unknown> {
   /** The controller generation it was fetched in; completions of an older one are dropped. */
@@ -52,20 +56,31 @@ export class Request<Queue = unknown> {
 
   constructor(readonly sq: Queue) {}
 
-  /** Copies the 64-byte SQE at `offset` of `ring` (fixed-offset reads, no allocation). */
-  load(ring: Buffer, offset: number): void {
-    this.opcode = ring[offset + Sqe.OPC]!;
-    this.flags = ring[offset + Sqe.FLAGS]!;
-    this.cid = ring.readUInt16LE(offset + Sqe.CID);
-    this.nsid = ring.readUInt32LE(offset + Sqe.NSID);
-    this.prp1 = readU64(ring, offset + Sqe.PRP1);
-    this.prp2 = readU64(ring, offset + Sqe.PRP2);
-    this.cdw10 = ring.readUInt32LE(offset + Sqe.CDW10);
-    this.cdw11 = ring.readUInt32LE(offset + Sqe.CDW11);
-    this.cdw12 = ring.readUInt32LE(offset + Sqe.CDW12);
-    this.cdw13 = ring.readUInt32LE(offset + Sqe.CDW13);
-    this.cdw14 = ring.readUInt32LE(offset + Sqe.CDW14);
-    this.cdw15 = ring.readUInt32LE(offset + Sqe.CDW15);
+  /**
+   * Copies the 64-byte SQE at byte `offset` of `ring` (no allocation). `words` is an Int32Array
+   * over the same memory when the ring has one (dword loads); else the entry is copied to a
+   * scratch first.
+   */
+  load(ring: Buffer, offset: number, words: Int32Array | null): void {
+    let w = offset >> 2;
+    if (words === null || (offset & 3) !== 0) {
+      ring.copy(SCRATCH, 0, offset, offset + Sqe.SIZE);
+      words = SCRATCH_WORDS;
+      w = 0;
+    }
+    const dw0 = words[w + (Sqe.OPC >> 2)]!;
+    this.opcode = dw0 & 0xff;
+    this.flags = (dw0 >>> 8) & 0xff;
+    this.cid = dw0 >>> 16;
+    this.nsid = words[w + (Sqe.NSID >> 2)]! >>> 0;
+    this.prp1 = joinU64(words[w + (Sqe.PRP1 >> 2)]!, words[w + (Sqe.PRP1 >> 2) + 1]!);
+    this.prp2 = joinU64(words[w + (Sqe.PRP2 >> 2)]!, words[w + (Sqe.PRP2 >> 2) + 1]!);
+    this.cdw10 = words[w + (Sqe.CDW10 >> 2)]! >>> 0;
+    this.cdw11 = words[w + (Sqe.CDW11 >> 2)]! >>> 0;
+    this.cdw12 = words[w + (Sqe.CDW12 >> 2)]! >>> 0;
+    this.cdw13 = words[w + (Sqe.CDW13 >> 2)]! >>> 0;
+    this.cdw14 = words[w + (Sqe.CDW14 >> 2)]! >>> 0;
+    this.cdw15 = words[w + (Sqe.CDW15 >> 2)]! >>> 0;
     this.status = 0;
     this.dw0 = 0;
     this.dw1 = 0;
