@@ -160,6 +160,7 @@ export class DoorbellUpdates implements PollTarget {
       }
     }
     const shadow = queues.shadow;
+    let trailed = false;
     if (shadow !== null) {
       for (const sq of queues.activeSqs) {
         if (sq.id === 0) continue; // the admin queue never uses shadow doorbells
@@ -170,15 +171,24 @@ export class DoorbellUpdates implements PollTarget {
         if (sq.setTail(v)) {
           changed = true;
           this.counts.shadow++;
+          shadow.writeEventIdx(sqDoorbellIndex(sq.id), trailing(v, sq.size));
+          trailed = true;
         }
       }
       for (const cq of queues.activeCqs) {
         if (cq.id !== 0 && this.refreshShadowHead(cq)) {
           changed = true;
+          shadow.writeEventIdx(cqDoorbellIndex(cq.id), trailing(cq.head, cq.size));
+          trailed = true;
           host.cqHeadMoved(cq);
         }
       }
     }
+    // An EventIdx just behind the newest value is one the host cannot pass (a queue holds at most
+    // size - 1 entries), so it stops ringing the real doorbell: a trapped write per lap of the
+    // ring otherwise. That is only right while the poller keeps looking: wake it; it publishes
+    // the real EventIdx again (arm) before it sleeps.
+    if (trailed) host.wake();
     if (changed) host.process();
     return changed;
   }
@@ -253,4 +263,9 @@ export class DoorbellUpdates implements PollTarget {
     host.wake();
     return Status.SUCCESS;
   }
+}
+
+/** The index one behind `value` in a ring of `size` entries. */
+function trailing(value: number, size: number): number {
+  return value === 0 ? size - 1 : value - 1;
 }

@@ -68,8 +68,8 @@ class ShadowHost {
   }
 }
 
-async function shadowRig(doorbells: 'trap' | 'mmap'): Promise<ShadowHost> {
-  rig = new Rig({ queues: 2, doorbells, poll: FAST_POLL });
+async function shadowRig(doorbells: 'trap' | 'mmap', poll = FAST_POLL): Promise<ShadowHost> {
+  rig = new Rig({ queues: 2, doorbells, poll });
   await rig.enable();
   await rig.createQueuePair(1, 32);
   await rig.createQueuePair(2, 32);
@@ -90,6 +90,24 @@ describe('shadow doorbells (trap mode)', () => {
     expect(host.mmioWrites).toBeLessThan(24);
     await rig.waitFor(() => rig.ctrl.poller.phase === 'sleep', 'poller asleep');
     expect(rig.ctrl.doorbellCounts.shadow).toBeGreaterThan(0);
+  });
+
+  it('while the poller spins, EventIdx trails the newest tail and head: laps of the rings need no real doorbell', async () => {
+    const host = await shadowRig('trap', { ...FAST_POLL, spinUs: 10_000_000 });
+    const buf = rig.alloc(PAGE);
+    // The first submission finds the poller asleep and rings.
+    expect(await host.wait(1, host.submit(1, { opcode: IoOpcode.READ, prp1: buf, cdw12: 0 }))).toBe(0);
+    const rung = host.mmioWrites;
+    for (let i = 0; i < 100; i++) {
+      const cids = [0, 1, 2].map(() => host.submit(1, { opcode: IoOpcode.READ, prp1: buf, cdw12: 0 }));
+      for (const cid of cids) expect(await host.wait(1, cid)).toBe(0);
+    }
+    expect(host.mmioWrites).toBe(rung);
+    const q = rig.queue(1);
+    expect(rig.mem.readUInt32LE(host.eis + 8)).toBe((q.sqTail + 31) % 32);
+    // The last head the host published is seen at the next poll.
+    await rig.waitFor(() => rig.mem.readUInt32LE(host.eis + 12) === (q.cqHead + 31) % 32, 'CQ EventIdx trailing the head');
+    expect(rig.ctrl.poller.phase).toBe('spin');
   });
 
   it('asleep, EventIdx equals the tail: the next submission rings the real doorbell, which wakes it', async () => {
