@@ -68,12 +68,13 @@ function putU64(buf: Buffer, at: number, value: number): void {
 /**
  * Fills `out` with PRP1/PRP2 for `[iova, iova + length)`, writing a PRP list (chained if needed)
  * into `list` (the command's list pages, page aligned at DMA address `listIova`) when the buffer
- * spans more than two pages.
+ * spans more than two pages. The list pages may be `listBytes` bytes of a larger buffer from
+ * `listOffset` on (a queue's slots share one buffer: no view per command).
  *
  * @throws {RangeError} if `iova` is not dword aligned, or the list does not fit `list` (a
  * transfer larger than the slot was sized for).
  */
-export function buildPrps(iova: number, length: number, pageSize: number, list: Buffer, listIova: number, out: PrpPair): void {
+export function buildPrps(iova: number, length: number, pageSize: number, list: Buffer, listIova: number, out: PrpPair, listOffset = 0, listBytes = list.length - listOffset): void {
   if (length <= 0) {
     out.prp1 = 0;
     out.prp2 = 0;
@@ -101,14 +102,14 @@ export function buildPrps(iova: number, length: number, pageSize: number, list: 
       // Last slot of a full list page: chain to the next list page.
       listPage++;
       const next = listPage * pageSize;
-      if (next + pageSize > list.length) throw new RangeError(`a ${String(length)}-byte transfer needs more PRP list pages than the slot has`);
-      putU64(list, (listPage - 1) * pageSize + slot * 8, listIova + next);
+      if (next + pageSize > listBytes) throw new RangeError(`a ${String(length)}-byte transfer needs more PRP list pages than the slot has`);
+      putU64(list, listOffset + (listPage - 1) * pageSize + slot * 8, listIova + next);
       slot = 0;
       continue;
     }
     const at = listPage * pageSize + slot * 8;
-    if (at + 8 > list.length) throw new RangeError(`a ${String(length)}-byte transfer needs more PRP list pages than the slot has`);
-    putU64(list, at, page);
+    if (at + 8 > listBytes) throw new RangeError(`a ${String(length)}-byte transfer needs more PRP list pages than the slot has`);
+    putU64(list, listOffset + at, page);
     page += pageSize;
     remaining -= pageSize;
     entries--;

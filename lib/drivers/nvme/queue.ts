@@ -462,9 +462,8 @@ export class QueuePair {
     let prp1 = req.prp1;
     let prp2 = req.prp2;
     if (req.dataLength > 0) {
-      const list = this.#lists.subarray(listAt, listAt + this.#slotBytes);
       try {
-        buildPrps(req.dataIova, req.dataLength, this.pageSize, list, listIova, this.#prp);
+        buildPrps(req.dataIova, req.dataLength, this.pageSize, this.#lists, listIova, this.#prp, listAt, this.#slotBytes);
       } catch (err) {
         this.#free[this.#freeCount++] = cid;
         throw err;
