@@ -445,9 +445,10 @@ export interface BootOptions {
    * Adds QEMU's own emulated NVMe controller (serial "ref") backed by a raw image: the reference
    * device for side-by-side comparisons. The image is created sparse (in /dev/shm when writable,
    * else the temp dir) unless `image` names one; a created image is deleted after the boot unless
-   * `keepImage` is set. `driveOptions` are appended to -drive (e.g. 'cache=unsafe,aio=threads').
+   * `keepImage` is set. `driveOptions` are appended to -drive (e.g. 'cache=unsafe,aio=threads'),
+   * `deviceOptions` to -device nvme (e.g. 'max_ioqpairs=4').
    */
-  qemuNvme?: { sizeMiB: number; image?: string; keepImage?: boolean; driveOptions?: string };
+  qemuNvme?: { sizeMiB: number; image?: string; keepImage?: boolean; driveOptions?: string; deviceOptions?: string };
 }
 
 export interface BootResult {
@@ -526,7 +527,8 @@ export async function bootGuest(opts: BootOptions): Promise<BootResult> {
       fs.closeSync(fd);
     }
     const extra = opts.qemuNvme.driveOptions ? ',' + opts.qemuNvme.driveOptions : '';
-    args.push('-drive', `file=${image},if=none,id=nvm,format=raw${extra}`, '-device', 'nvme,serial=ref,drive=nvm');
+    const device = opts.qemuNvme.deviceOptions ? ',' + opts.qemuNvme.deviceOptions : '';
+    args.push('-drive', `file=${image},if=none,id=nvm,format=raw${extra}`, '-device', `nvme,serial=ref,drive=nvm${device}`);
   }
   args.push(...(opts.extraQemuArgs ?? []));
 
