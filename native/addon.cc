@@ -33,7 +33,8 @@ constexpr int kScmMaxFd = 253;
   V("punchHole", PunchHole)       \
   V("eventfd", Eventfd)           \
   V("eventfdSignal", EventfdSignal) \
-  V("eventfdDrain", EventfdDrain)
+  V("eventfdDrain", EventfdDrain)   \
+  V("schedYield", SchedYield)
 
 #define VFU_CONSTANTS(V)                      \
   V("PAGE_SIZE", sysconf(_SC_PAGESIZE))       \

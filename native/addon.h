@@ -64,6 +64,8 @@ Napi::Value Socketpair(const Napi::CallbackInfo& info);
 // scm.cc
 Napi::Value Sendmsg(const Napi::CallbackInfo& info);
 Napi::Value Recvmsg(const Napi::CallbackInfo& info);
+// poller.cc
+Napi::Value SchedYield(const Napi::CallbackInfo& info);
 // scm.cc: the non-blocking recvmsg behind both recvmsg() and a Poller's fused receive.
 ssize_t ReceiveWithFds(int fd, uint8_t* buf, size_t length, int32_t* fds_out, size_t room);
 // mmap.cc

@@ -353,6 +353,13 @@ void Poller::OnClose(uv_handle_t* handle) {
 
 }  // namespace
 
+// schedYield(): gives the CPU to another runnable task, if any; for JS-side polling loops, so a
+// peer sharing this CPU (a VMM's vCPU or main loop) runs instead of waiting for the spin to end.
+Napi::Value SchedYield(const Napi::CallbackInfo& info) {
+  sched_yield();
+  return info.Env().Undefined();
+}
+
 Napi::Function DefinePoller(Napi::Env env) {
   // The methods are plain functions on the prototype rather than ObjectWrap instance methods:
   // those unwrap `this` before any check of ours could run, and FromThis checks the type tag first.
