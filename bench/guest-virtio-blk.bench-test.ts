@@ -8,7 +8,7 @@
  * BENCH_JSON_OUT=FILE).
  *
  *   npx vitest run --config bench/vitest.bench.config.mts bench/guest-virtio-blk.bench-test.ts
- *   BENCH_SECONDS=4 BENCH_ROUNDS=3 BENCH_NOTIFY=trap|mmap BENCH_SPIN_US=0 BENCH_BUSY_POLL=0 BENCH_QUEUES=2 BENCH_BACKEND=file|ram
+ *   BENCH_SECONDS=4 BENCH_ROUNDS=3 BENCH_NOTIFY=trap|mmap BENCH_SPIN_US=0 BENCH_BUSY_POLL=0 BENCH_QUEUES=2 BENCH_BACKEND=file|ram BENCH_FILE_ENGINE=auto
  *   BENCH_JOBS=randread-4k-qd1,... BENCH_NODE_FLAGS='--cpu-prof --cpu-prof-dir=DIR'
  *   BENCH_PIN_SERVER=1 BENCH_PIN_QEMU=0,1   (taskset CPU lists; default: unpinned)
  *
@@ -45,6 +45,8 @@ const backendKind = process.env.BENCH_BACKEND ?? 'file';
 const spinUs = Number(process.env.BENCH_SPIN_US ?? 0);
 /** BENCH_BUSY_POLL: the server busy-polls QEMU's socket this long after its messages (serve --busy-poll). */
 const busyPollUs = Number(process.env.BENCH_BUSY_POLL ?? 0);
+/** BENCH_FILE_ENGINE=auto|io_uring|threadpool: the FileBackend's I/O engine (serve --aio). */
+const fileEngine = process.env.BENCH_FILE_ENGINE ?? 'auto';
 /**
  * Our server, a separate process built from the library in dist/: the image as a FileBackend (what
  * `vfio-user serve virtio-blk --file IMAGE --read-only` does) or copied into a RamBackend.
@@ -52,7 +54,7 @@ const busyPollUs = Number(process.env.BENCH_BUSY_POLL ?? 0);
 const SERVER = `
 const fs = require('node:fs');
 const { VfioUserServer, VirtioBlkDevice, RamBackend, FileBackend } = require(process.argv[1]);
-const [socket, image, kind, queues, notify, spinUs, busyPollUs] = process.argv.slice(2);
+const [socket, image, kind, queues, notify, spinUs, busyPollUs, engine] = process.argv.slice(2);
 let backend;
 if (kind === 'ram') {
   const size = fs.statSync(image).size;
@@ -60,7 +62,7 @@ if (kind === 'ram') {
   const fd = fs.openSync(image, 'r');
   fs.readSync(fd, backend.bytes, 0, size, 0);
   fs.closeSync(fd);
-} else backend = FileBackend.open(image, { readOnly: true });
+} else backend = FileBackend.open(image, { readOnly: true, engine });
 const disk = new VirtioBlkDevice({ backend, queues: Number(queues), notify, spinUs: Number(spinUs), readOnly: true, serial: 'ours' });
 VfioUserServer.listen(socket, disk, { busyPollUs: Number(busyPollUs) }).then((server) => {
   console.log(JSON.stringify({ event: 'ready' }));
@@ -130,7 +132,7 @@ function makeImage(file: string): void {
 }
 
 async function serve(socket: string, image: string): Promise<{ child: ChildProcess; stop: () => Promise<void> }> {
-  const args = [...nodeFlags, '-e', SERVER, dist, socket, image, backendKind, String(queues), notify, String(spinUs), String(busyPollUs)];
+  const args = [...nodeFlags, '-e', SERVER, dist, socket, image, backendKind, String(queues), notify, String(spinUs), String(busyPollUs), fileEngine];
   const child = pinServer ? spawn('taskset', ['-c', pinServer, process.execPath, ...args], { stdio: ['ignore', 'pipe', 'inherit'] }) : spawn(process.execPath, args, { stdio: ['ignore', 'pipe', 'inherit'] });
   const lines = readline.createInterface({ input: child.stdout! });
   await new Promise<void>((resolve, reject) => {
@@ -191,7 +193,7 @@ it.skipIf(!usable())('guest fio: our virtio-blk over vfio-user vs QEMU virtio-bl
       guest: 'Debian 12 linux 6.1, fio libaio direct, 128 MiB of a 256 MiB image',
       secondsPerJob: seconds,
       rounds,
-      ours: `vfio-user-pci -> VirtioBlkDevice (${backendKind === 'ram' ? 'RamBackend loaded from the image' : 'FileBackend on the image'}, ${notify} notify${spinUs > 0 ? `, polling ${spinUs} µs after activity` : ''}${busyPollUs > 0 ? `, socket busy-polled ${busyPollUs} µs` : ''}, ${queues} queues), separate process`,
+      ours: `vfio-user-pci -> VirtioBlkDevice (${backendKind === 'ram' ? 'RamBackend loaded from the image' : `FileBackend on the image (engine ${fileEngine})`}, ${notify} notify${spinUs > 0 ? `, polling ${spinUs} µs after activity` : ''}${busyPollUs > 0 ? `, socket busy-polled ${busyPollUs} µs` : ''}, ${queues} queues), separate process`,
       reference: `QEMU -device virtio-blk-pci (num-queues=${queues}), same raw image on tmpfs, aio=threads`,
       placement: `${os.cpus().length} CPUs; server ${pinServer ? `pinned to ${pinServer}` : 'unpinned'}; QEMU ${pinQemu ? `pinned to ${pinQemu}` : 'unpinned'}`,
       loadavg: { before: loadBefore.map((x) => +x.toFixed(2)), after: os.loadavg().map((x) => +x.toFixed(2)) },
