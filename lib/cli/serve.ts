@@ -405,14 +405,19 @@ async function serveDisk(socket: string, options: ServerOptions, json: boolean, 
   });
   const say = sayer(json);
   const nbd = backend instanceof NbdBackend ? backend : null;
-  const file = backend instanceof FileBackend ? `, ${backend.engine}${backend.engineNote !== undefined ? ` (${backend.engineNote})` : ''}${backend.direct ? ', O_DIRECT' : ''}` : '';
-  const backing = `${nbd !== null ? `nbd ${nbd.uri}` : values.file !== undefined ? `file ${String(values.file)}${file}` : 'RAM'}${backend.readOnly === true ? ', read-only' : ''}`;
+  // `backing` keeps its first-wave form ("file PATH", "nbd URI", "RAM"; ", read-only"): scripts
+  // parse it. How a file is read and written goes in a field of its own.
+  const fileIo = backend instanceof FileBackend ? { engine: backend.engine, ...(backend.engineNote !== undefined ? { note: backend.engineNote } : {}), direct: backend.direct } : null;
+  const fileText = fileIo === null ? '' : `, ${fileIo.engine}${fileIo.note !== undefined ? ` (${fileIo.note})` : ''}${fileIo.direct ? ', O_DIRECT' : ''}`;
+  const readOnly = backend.readOnly === true ? ', read-only' : '';
+  const backing = `${nbd !== null ? `nbd ${nbd.uri}` : values.file !== undefined ? `file ${String(values.file)}` : 'RAM'}${readOnly}`;
+  const backingText = `${nbd !== null ? `nbd ${nbd.uri}` : values.file !== undefined ? `file ${String(values.file)}${fileText}` : 'RAM'}${readOnly}`;
   nbd?.on('disconnect', (err: Error) => say({ event: 'nbd-disconnect', error: err.message }, `NBD server lost (${err.message}): I/O waits while reconnecting`));
   nbd?.on('reconnect', () => say({ event: 'nbd-reconnect' }, 'NBD server back: I/O resumes'));
   reportServer(server, say);
   return runUntilSignalled(server, name, say, 'stopped: data flushed, socket removed', null, {
-    obj: { event: 'ready', device: name, socket, sizeBytes, backing, qemu: qemuOption(socket) },
-    text: `vfio-user: serving ${name} (${(sizeBytes / 2 ** 30).toFixed(2)} GiB, ${backing}) on ${socket}\nattach with: ${qemuOption(socket)}`,
+    obj: { event: 'ready', device: name, socket, sizeBytes, backing, ...(fileIo !== null ? { fileIo } : {}), qemu: qemuOption(socket) },
+    text: `vfio-user: serving ${name} (${(sizeBytes / 2 ** 30).toFixed(2)} GiB, ${backingText}) on ${socket}\nattach with: ${qemuOption(socket)}`,
   });
 }
 

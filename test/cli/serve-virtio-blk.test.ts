@@ -53,6 +53,8 @@ describe('vfio-user serve virtio-blk', () => {
     try {
       const r = await ready;
       expect(r).toMatchObject({ event: 'ready', device: 'virtio-blk', socket, sizeBytes: 64 << 20, backing: `file ${file}` });
+      // How the file is read: its own field, so `backing` keeps its form.
+      expect(['io_uring', 'threadpool']).toContain((r.fileIo as { engine: string }).engine);
       expect(String(r.qemu)).toContain('"driver":"vfio-user-pci"');
       expect(fs.statSync(file).size).toBe(64 << 20);
       const info = spawnSync(process.execPath, [cli, 'info', socket, '--json'], { encoding: 'utf8', timeout: 10_000 });
