@@ -199,6 +199,9 @@ export class NvmeController extends PciDevice implements AdminContext, IoContext
         return ctrl.regs.pageSize;
       },
       queues: this.queues,
+      get msixEnabled() {
+        return ctrl.msixEnabled;
+      },
       get running() {
         return ctrl.running;
       },

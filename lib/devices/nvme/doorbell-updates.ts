@@ -19,6 +19,8 @@ export interface DoorbellHost {
   /** Memory page size (CC.MPS) in bytes. */
   readonly pageSize: number;
   readonly queues: QueueTable;
+  /** MSI-X delivers completions (else INTx, whose level follows the CQ heads). */
+  readonly msixEnabled: boolean;
   /** Enabled, healthy and not stopped: values are acted on. */
   readonly running: boolean;
   /** Stopped but otherwise running: values are recorded for later. */
@@ -199,7 +201,15 @@ export class DoorbellUpdates implements PollTarget {
     const shadow = queues.shadow;
     if (shadow === null || !this.host.running) return true;
     for (const sq of queues.activeSqs) if (sq.id !== 0) shadow.writeEventIdx(sqDoorbellIndex(sq.id), sq.tail);
-    for (const cq of queues.activeCqs) if (cq.id !== 0) shadow.writeEventIdx(cqDoorbellIndex(cq.id), cq.head);
+    // A CQ head matters to us only while completions wait for room, or while INTx's level
+    // follows it; otherwise the host need not ring the CQ doorbell (a message and a wake-up per
+    // I/O at QD1): its head is read from the shadow when a queue looks full.
+    const headless = this.host.msixEnabled;
+    for (const cq of queues.activeCqs) {
+      if (cq.id === 0) continue;
+      const want = headless && cq.waiting.length === 0 ? trailing(cq.head, cq.size) : cq.head;
+      shadow.writeEventIdx(cqDoorbellIndex(cq.id), want);
+    }
     // The stores above are sequentially consistent, so this re-read cannot miss a tail the guest
     // published before it read our EventIdx.
     return !this.poll();

@@ -123,6 +123,28 @@ describe('shadow doorbells (trap mode)', () => {
     expect(await host.wait(2, cid)).toBe(0);
   });
 
+  it('asleep with MSI-X, the CQ EventIdx trails the head: consuming completions rings nothing; without MSI-X it asks for the head', async () => {
+    const host = await shadowRig('trap');
+    rig.enableMsix();
+    const buf = rig.alloc(PAGE);
+    expect(await host.wait(1, host.submit(1, { opcode: IoOpcode.READ, prp1: buf, cdw12: 0 }))).toBe(0);
+    await rig.waitFor(() => rig.ctrl.poller.phase === 'sleep', 'poller asleep');
+    const q = rig.queue(1);
+    expect(rig.mem.readUInt32LE(host.eis + 12)).toBe((q.cqHead + 31) % 32);
+    // QD1 laps of the ring: one real doorbell per submission (it wakes the controller), none for
+    // the heads; every command still completes, also once the ring has wrapped.
+    for (let i = 0; i < 40; i++) {
+      await rig.waitFor(() => rig.ctrl.poller.phase === 'sleep', 'poller asleep');
+      const before = host.mmioWrites;
+      expect(await host.wait(1, host.submit(1, { opcode: IoOpcode.READ, prp1: buf, cdw12: 0 }))).toBe(0);
+      expect(host.mmioWrites).toBe(before + 1);
+    }
+    rig.disableMsix();
+    expect(await host.wait(1, host.submit(1, { opcode: IoOpcode.READ, prp1: buf, cdw12: 0 }))).toBe(0);
+    await rig.waitFor(() => rig.ctrl.poller.phase === 'sleep', 'poller asleep');
+    expect(rig.mem.readUInt32LE(host.eis + 12)).toBe(q.cqHead);
+  });
+
   it('a late trapped doorbell with an older tail does not move the tail back (no stale commands re-run)', async () => {
     const host = await shadowRig('trap');
     const buf = rig.alloc(PAGE);
