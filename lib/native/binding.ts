@@ -11,6 +11,7 @@
  * its own error paths (e.g. fds received with a truncated control message).
  */
 import * as path from 'node:path';
+import { getSystemErrorMap } from 'node:util';
 
 /** `uv_poll` event bits, as reported to a {@link Poller} callback. */
 export interface PollEvents {
@@ -78,12 +79,35 @@ export interface NativeConstants {
   /** Linux SCM_MAX_FD: most fds one sendmsg may carry. */
   readonly SCM_MAX_FD: number;
   readonly EAGAIN: number;
+  /** pwritev2 flag: this write is durable when it completes (NVMe FUA). */
+  readonly RWF_DSYNC: number;
+  readonly FALLOC_FL_KEEP_SIZE: number;
+  readonly FALLOC_FL_PUNCH_HOLE: number;
+  readonly FALLOC_FL_ZERO_RANGE: number;
+}
+
+/**
+ * The addon's io_uring (native/uring.cc): numbered slots double as the kernel's user_data;
+ * `submit()` is one io_uring_enter for everything prepared, `reap(out)` fills (slot, result) pairs
+ * from the completion ring without a syscall. lib/native/uring.ts is its JS face.
+ */
+export interface NativeIoUring {
+  readonly fd: number;
+  readonly entries: number;
+  prepRw(slot: number, write: boolean, fd: number, position: number, bufs: Uint8Array | readonly Uint8Array[], rwFlags: number): void;
+  prepFsync(slot: number, fd: number, datasync: boolean): void;
+  prepFallocate(slot: number, fd: number, mode: number, offset: number, length: number): void;
+  submit(): number;
+  reap(out: Int32Array): number;
+  close(): void;
 }
 
 export interface NativeBinding {
   readonly constants: NativeConstants;
   readonly pollEvents: PollEvents;
   readonly Poller: PollerConstructor;
+  /** io_uring_setup with `entries` slots; throws (syscall 'io_uring_setup') ENOSYS or EPERM where refused. */
+  readonly IoUring: new (entries: number) => NativeIoUring;
 
   /** sched_yield(): lets another runnable task have this CPU (for polling loops); never throws. */
   schedYield(): void;
@@ -199,6 +223,15 @@ function load(): NativeBinding {
 }
 
 export const binding: NativeBinding = load();
+
+/**
+ * An Error like the addon's own (`code`, positive `errno`, `syscall`; message 'EBADF: Bad file
+ * descriptor, recvmsg'), for an errno the addon reported as a value rather than throwing.
+ */
+export function systemError(errno: number, syscall: string): NodeJS.ErrnoException {
+  const [code, description] = getSystemErrorMap().get(-errno) ?? [`E${errno}`, 'Unknown error'];
+  return Object.assign(new Error(`${code}: ${description}, ${syscall}`), { code, errno, syscall });
+}
 
 /** The value data-path calls return instead of throwing EAGAIN. */
 export const WOULD_BLOCK = -1;

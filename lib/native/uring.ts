@@ -14,32 +14,10 @@
  * until their completion, and the caller must keep the memory mapped that long.
  */
 import * as fs from 'node:fs';
-import * as util from 'node:util';
-import { binding, type Poller } from './binding';
-
-/** The addon's io_uring (native/uring.cc). */
-interface NativeIoUring {
-  readonly fd: number;
-  readonly entries: number;
-  prepRw(slot: number, write: boolean, fd: number, position: number, bufs: Uint8Array | readonly Uint8Array[], rwFlags: number): void;
-  prepFsync(slot: number, fd: number, datasync: boolean): void;
-  prepFallocate(slot: number, fd: number, mode: number, offset: number, length: number): void;
-  submit(): number;
-  reap(out: Int32Array): number;
-  close(): void;
-}
-
-interface UringConstants {
-  readonly RWF_DSYNC: number;
-  readonly FALLOC_FL_KEEP_SIZE: number;
-  readonly FALLOC_FL_PUNCH_HOLE: number;
-  readonly FALLOC_FL_ZERO_RANGE: number;
-}
-
-const native = binding as unknown as { IoUring: new (entries: number) => NativeIoUring; constants: UringConstants };
+import { binding, systemError, type NativeConstants, type NativeIoUring, type Poller } from './binding';
 
 /** fallocate and pwritev2 flags for {@link IoUring.fallocate} and {@link IoUring.write}. */
-export const uringConstants: UringConstants = native.constants;
+export const uringConstants: Pick<NativeConstants, 'RWF_DSYNC' | 'FALLOC_FL_KEEP_SIZE' | 'FALLOC_FL_PUNCH_HOLE' | 'FALLOC_FL_ZERO_RANGE'> = binding.constants;
 
 /** Most buffers one vectored request takes (IOV_MAX). */
 export const URING_MAX_IOVECS = 1024;
@@ -95,7 +73,7 @@ export class IoUring {
    * kernel.io_uring_disabled or a seccomp filter); {@link IoUring.unavailableReason} words it.
    */
   static open(entries = 256): IoUring {
-    return new IoUring(new native.IoUring(entries));
+    return new IoUring(new binding.IoUring(entries));
   }
 
   /** A one-line reason io_uring cannot be used, from the error {@link IoUring.open} threw. */
@@ -263,7 +241,7 @@ export class IoUring {
     this.#give(slot);
     this.#inFlight--;
     if (result >= 0) resolve(result);
-    else reject(uringError(-result, syscall));
+    else reject(systemError(-result, syscall));
   }
 
   #startWaiting(): void {
@@ -320,7 +298,3 @@ export class IoUring {
 }
 
 /** An Error shaped like the addon's (and Node's) system errors: code, errno (positive), syscall. */
-function uringError(errno: number, syscall: string): NodeJS.ErrnoException {
-  const [code, description] = util.getSystemErrorMap().get(-errno) ?? [`E${errno}`, 'Unknown error'];
-  return Object.assign(new Error(`${code}: ${description}, ${syscall}`), { code, errno, syscall });
-}

@@ -18,8 +18,8 @@
  * with a long-lived callback is the allocation-free one.
  */
 import { EventEmitter } from 'node:events';
-import { debuglog, getSystemErrorMap } from 'node:util';
-import { binding, RECV_NONE, RecvState, WOULD_BLOCK } from '../native/binding';
+import { debuglog } from 'node:util';
+import { binding, RECV_NONE, RecvState, systemError, WOULD_BLOCK } from '../native/binding';
 import { Fd } from '../native/fd';
 import { Errno, HeaderFlags } from '../protocol/constants';
 import { VfioUserError } from '../protocol/errors';
@@ -193,12 +193,6 @@ const MAX_IOV = 8;
  */
 let fdsOutShared: Int32Array | null = null;
 const sharedHeader = Buffer.alloc(HEADER_SIZE);
-
-/** An Error like the addon's (code, errno, syscall), for an errno the addon reported as a value. */
-function systemError(errno: number, syscall: string): NodeJS.ErrnoException {
-  const [code, text] = getSystemErrorMap().get(-errno) ?? [`E${errno}`, 'Unknown error'];
-  return Object.assign(new Error(`${code}: ${text}, ${syscall}`), { code, errno, syscall });
-}
 
 function closeRaw(fd: number): void {
   try {
