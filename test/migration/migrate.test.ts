@@ -4,33 +4,23 @@
  * client that dies in STOP_COPY or RESUMING, progress events and cancellation; and against a
  * libvfio-user-like server whose stream is raw bytes (interop: the client never parses it).
  */
-import { afterEach, describe, expect, it } from 'vitest';
+import { describe, expect, it } from 'vitest';
 import { MigrationError, PciFunction, VfioUserClient, migrate, type MigrationProgress } from '../../lib/client';
 import { Idio16Device, IDIO16_BAR } from '../../lib/devices/gpio/idio16';
 import { NvmeController } from '../../lib/devices/nvme/controller';
 import { RamBackend } from '../../lib/block';
 import { NvmeDriver } from '../../lib/drivers/nvme/controller';
 import { Command, DeviceFeature, Errno, MigState, PciIrq } from '../../lib/protocol/constants';
-import type { VfioUserDevice } from '../../lib/server/device';
 import { VfioUserError } from '../../lib/protocol/errors';
 import { useFdLeakCheck } from '../helpers/fds';
-import { startServer } from '../helpers/server';
+import { useServing } from './serving';
 import { FakeServer, lvuHandler, type RawMessage } from '../client/fixtures';
 
 const { STOP, RUNNING, STOP_COPY, RESUMING, PRE_COPY, ERROR } = MigState;
 const MiB = 1024 * 1024;
 
 useFdLeakCheck();
-const cleanups: (() => unknown)[] = [];
-afterEach(async () => {
-  for (const c of cleanups.splice(0).reverse()) await c();
-});
-
-async function serve<D extends VfioUserDevice>(device: D) {
-  const s = await startServer(device);
-  cleanups.push(() => s.stop());
-  return s as typeof s & { device: D };
-}
+const { cleanups, serve } = useServing();
 
 async function connect(path: string, maxDataXferSize?: number): Promise<VfioUserClient> {
   const c = await VfioUserClient.connect(path, { timeoutMs: 10_000, maxDataXferSize });

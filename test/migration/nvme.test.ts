@@ -7,30 +7,20 @@
 import * as fs from 'node:fs';
 import * as os from 'node:os';
 import * as path from 'node:path';
-import { afterEach, describe, expect, it } from 'vitest';
+import { describe, expect, it } from 'vitest';
 import { VfioUserClient, migrate, type MigrationProgress } from '../../lib/client';
 import { NvmeController } from '../../lib/devices/nvme/controller';
 import { AdminOpcode, AerType, FeatureId, LogId } from '../../lib/nvme/constants';
 import { FileBackend, RamBackend } from '../../lib/block';
 import { NvmeDriver } from '../../lib/drivers/nvme/controller';
-import type { VfioUserDevice } from '../../lib/server/device';
 import { useFdLeakCheck } from '../helpers/fds';
-import { startServer } from '../helpers/server';
+import { useServing } from './serving';
 import { BLOCK, Workload, pattern } from './workload';
 
 const MiB = 1024 * 1024;
 
 useFdLeakCheck();
-const cleanups: (() => unknown)[] = [];
-afterEach(async () => {
-  for (const c of cleanups.splice(0).reverse()) await c();
-});
-
-async function serve<D extends VfioUserDevice>(device: D) {
-  const s = await startServer(device);
-  cleanups.push(() => s.stop());
-  return s as typeof s & { device: D };
-}
+const { cleanups, serve } = useServing();
 
 async function connect(p: string): Promise<VfioUserClient> {
   const c = await VfioUserClient.connect(p, { timeoutMs: 20_000 });
