@@ -151,14 +151,19 @@ describe('migrate(): refusals leave both devices usable', () => {
     return Buffer.concat(parts);
   }
 
-  it('a truncated stream: STOP fails, the destination goes to ERROR with nothing loaded, a reset recovers it', async () => {
+  /** Two GPIO cards served; the source's outputs set to 0x42; its whole stream, for the destination. */
+  async function streamOfTwoCards() {
     const a = await serve(new Idio16Device());
     const b = await serve(new Idio16Device());
     const src = await connect(a.socketPath);
     const dst = await connect(b.socketPath);
     await (await PciFunction.open(src)).enable();
     await src.write(IDIO16_BAR, 0, Buffer.from([0x42]), { posted: false });
-    const stream = await streamOf(src);
+    return { b, dst, stream: await streamOf(src) };
+  }
+
+  it('a truncated stream: STOP fails, the destination goes to ERROR with nothing loaded, a reset recovers it', async () => {
+    const { b, dst, stream } = await streamOfTwoCards();
     await dst.setMigrationState(RESUMING);
     await dst.writeMigrationData(stream.subarray(0, stream.length - 10));
     const failed = await dst.setMigrationState(RUNNING).catch((e: unknown) => e);
@@ -172,13 +177,7 @@ describe('migrate(): refusals leave both devices usable', () => {
   });
 
   it('a corrupted stream: the END digest does not match, MIG_DATA_WRITE fails, nothing is loaded', async () => {
-    const a = await serve(new Idio16Device());
-    const b = await serve(new Idio16Device());
-    const src = await connect(a.socketPath);
-    const dst = await connect(b.socketPath);
-    await (await PciFunction.open(src)).enable();
-    await src.write(IDIO16_BAR, 0, Buffer.from([0x42]), { posted: false });
-    const stream = await streamOf(src);
+    const { b, dst, stream } = await streamOfTwoCards();
     // Flip a byte inside the STATE record's JSON (still valid JSON: a digit).
     const text = stream.toString('latin1');
     const at = text.indexOf('"outputs":66');
