@@ -9,6 +9,7 @@ import { NvmeController } from '../devices/nvme/controller';
 import { VirtioBlkDevice } from '../devices/virtio-blk/device';
 import { FileBackend, NbdBackend, RamBackend, type BlockBackend, type FileBackendOptions } from '../block';
 import { VfioUserServer, type ServerOptions } from '../server/server';
+import { MAX_BUSY_POLL_US } from '../transport/connection';
 import type { VfioUserDevice } from '../server/device';
 import type { CliCommand } from './command';
 import { inheritedSocket, type Inherited } from './activation';
@@ -140,7 +141,7 @@ export const serveCommand: CliCommand = {
       const messageTimeoutMs = intOption(values, 'message-timeout', 0, 0x7fffffff);
       if (versionTimeoutMs !== undefined) options.versionTimeoutMs = versionTimeoutMs;
       if (messageTimeoutMs !== undefined) options.messageTimeoutMs = messageTimeoutMs;
-      const busyPollUs = intOption(values, 'busy-poll', 0, 10000);
+      const busyPollUs = intOption(values, 'busy-poll', 0, MAX_BUSY_POLL_US);
       if (busyPollUs !== undefined) options.busyPollUs = busyPollUs;
     } catch (err) {
       console.error(`vfio-user serve: ${(err as Error).message}`);

@@ -23,7 +23,7 @@ import { Fd } from '../native/fd';
 import { Command, Defaults, Errno } from '../protocol/constants';
 import { VfioUserError } from '../protocol/errors';
 import type { CapabilitiesInput } from '../protocol/capabilities';
-import { Connection, type IncomingMessage } from '../transport/connection';
+import { Connection, MAX_BUSY_POLL_US, type IncomingMessage } from '../transport/connection';
 import type { ResetReason, VfioUserDevice } from './device';
 import { DmaSpace } from './dma';
 import { IrqTable } from './irq';
@@ -446,7 +446,7 @@ function checkTimeouts(options: ServerOptions): void {
     if (ms !== undefined && !(Number.isInteger(ms) && ms >= 0 && ms <= 0x7fffffff)) throw new RangeError(`${key} must be an integer number of ms >= 0, got ${String(ms)}`);
   }
   const us = options.busyPollUs;
-  if (us !== undefined && !(Number.isInteger(us) && us >= 0 && us <= 10000)) throw new RangeError(`busyPollUs must be an integer number of microseconds from 0 to 10000, got ${String(us)}`);
+  if (us !== undefined && !(Number.isInteger(us) && us >= 0 && us <= MAX_BUSY_POLL_US)) throw new RangeError(`busyPollUs must be an integer number of microseconds from 0 to ${MAX_BUSY_POLL_US}, got ${String(us)}`);
 }
 
 /** Remove a socket file nobody listens on; refuse to touch a live socket or a non-socket. */

@@ -178,6 +178,8 @@ interface Queued {
   fds: readonly number[] | null;
 }
 
+/** The longest busy-polling window (the addon's limit). */
+export const MAX_BUSY_POLL_US = 10000;
 const MSG_ID_SLOTS = 0x10000;
 /** Request-table size at the first request; it doubles while more than half is in use. */
 const FIRST_SLOTS = 16;
@@ -193,6 +195,10 @@ const MAX_IOV = 8;
  */
 let fdsOutShared: Int32Array | null = null;
 const sharedHeader = Buffer.alloc(HEADER_SIZE);
+
+function checkBusyPoll(us: number): void {
+  if (!Number.isInteger(us) || us < 0 || us > MAX_BUSY_POLL_US) throw new RangeError(`busyPollUs must be an integer from 0 to ${MAX_BUSY_POLL_US} (got ${us})`);
+}
 
 function closeRaw(fd: number): void {
   try {
@@ -272,6 +278,8 @@ export class Connection extends EventEmitter {
   /** Takes ownership of `socket` (a connected, non-blocking unix stream socket). */
   constructor(socket: Fd, options: ConnectionOptions = {}) {
     super();
+    // Checked before anything is made, so a bad option leaves the socket to its caller.
+    if (options.busyPollUs !== undefined) checkBusyPoll(options.busyPollUs);
     this.socket = socket;
     this.framer = new Framer(options.maxMessageSize ?? 1024 * 1024 + 4096);
     this.maxRecvFds = options.maxRecvFds ?? 16;
@@ -283,12 +291,11 @@ export class Connection extends EventEmitter {
     this.name = options.name ?? `fd${socket.value}`;
     this.messageTimeoutMs = options.messageTimeoutMs ?? 0;
     this.poller = new binding.Poller(socket.value, (status, events) => this.onPoll(status, events));
-    this.busyPollWindow = options.busyPollUs ?? 0;
-    if (this.busyPollWindow > 0) this.poller.busyPoll(this.busyPollWindow);
+    if (options.busyPollUs !== undefined) this.busyPollUs = options.busyPollUs;
     this.watch();
   }
 
-  private busyPollWindow: number;
+  private busyPollWindow = 0;
   /** The fused receive's state array and the buffer it was armed with (see armFused). */
   private rxState: Int32Array | null = null;
   private rxBuffer: Buffer | null = null;
@@ -298,7 +305,7 @@ export class Connection extends EventEmitter {
     return this.busyPollWindow;
   }
   set busyPollUs(us: number) {
-    if (!Number.isInteger(us) || us < 0 || us > 10000) throw new RangeError(`busyPollUs must be an integer from 0 to 10000 (got ${us})`);
+    checkBusyPoll(us);
     this.busyPollWindow = us;
     if (this.state !== 'closed') this.poller.busyPoll(us);
   }

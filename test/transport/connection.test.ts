@@ -379,3 +379,24 @@ describe('Connection: framing over a real socket', () => {
     expect(conn.writableNeedDrain).toBe(false);
   });
 });
+
+describe('busy polling', () => {
+  it('takes 0..10000 microseconds, as an option or later; anything else is a RangeError', async () => {
+    // A refused option leaves the socket to the caller, who closes it.
+    const [x, y] = binding.socketpair();
+    expect(() => new Connection(new Fd(x), { busyPollUs: -1 })).toThrow(RangeError);
+    new Fd(x).close();
+    new Fd(y).close();
+    const [a, b] = pair({ busyPollUs: 200 });
+    expect(a.busyPollUs).toBe(200);
+    expect(() => (a.busyPollUs = 10001)).toThrow(RangeError);
+    expect(() => (a.busyPollUs = 1.5)).toThrow(RangeError);
+    a.busyPollUs = 0;
+    expect(a.busyPollUs).toBe(0);
+    // Requests and replies still flow with busy polling on (both ends in this process).
+    b.busyPollUs = 50;
+    echoServer(b);
+    const reply = await a.request(Command.REGION_READ, Buffer.from('ping'));
+    expect(reply.payload.toString()).toBe('ping');
+  });
+});
