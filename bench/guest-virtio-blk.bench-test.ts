@@ -65,7 +65,7 @@ if (kind === 'ram') {
 } else backend = FileBackend.open(image, { readOnly: true, engine });
 const disk = new VirtioBlkDevice({ backend, queues: Number(queues), notify, spinUs: Number(spinUs), readOnly: true, serial: 'ours' });
 VfioUserServer.listen(socket, disk, { busyPollUs: Number(busyPollUs) }).then((server) => {
-  console.log(JSON.stringify({ event: 'ready' }));
+  console.log(JSON.stringify({ event: 'ready', engine: backend.engine }));
   process.once('SIGTERM', () => server.close().then(() => process.exit(0)));
 });
 `;
@@ -131,18 +131,21 @@ function makeImage(file: string): void {
   fs.closeSync(fd);
 }
 
-async function serve(socket: string, image: string): Promise<{ child: ChildProcess; stop: () => Promise<void> }> {
+async function serve(socket: string, image: string): Promise<{ child: ChildProcess; engine: string | undefined; stop: () => Promise<void> }> {
   const args = [...nodeFlags, '-e', SERVER, dist, socket, image, backendKind, String(queues), notify, String(spinUs), String(busyPollUs), fileEngine];
   const child = pinServer ? spawn('taskset', ['-c', pinServer, process.execPath, ...args], { stdio: ['ignore', 'pipe', 'inherit'] }) : spawn(process.execPath, args, { stdio: ['ignore', 'pipe', 'inherit'] });
   const lines = readline.createInterface({ input: child.stdout! });
-  await new Promise<void>((resolve, reject) => {
+  // The FileBackend's engine as chosen (BENCH_FILE_ENGINE=auto resolves by the image's file system).
+  const engine = await new Promise<string | undefined>((resolve, reject) => {
     lines.on('line', (l) => {
-      if ((JSON.parse(l) as { event?: string }).event === 'ready') resolve();
+      const event = JSON.parse(l) as { event?: string; engine?: string };
+      if (event.event === 'ready') resolve(event.engine);
     });
     child.on('exit', (code) => reject(new Error(`the virtio-blk server exited early with ${code}`)));
   });
   return {
     child,
+    engine,
     stop: async () => {
       child.kill('SIGTERM');
       await new Promise((res) => child.on('exit', res));
@@ -193,7 +196,7 @@ it.skipIf(!usable())('guest fio: our virtio-blk over vfio-user vs QEMU virtio-bl
       guest: 'Debian 12 linux 6.1, fio libaio direct, 128 MiB of a 256 MiB image',
       secondsPerJob: seconds,
       rounds,
-      ours: `vfio-user-pci -> VirtioBlkDevice (${backendKind === 'ram' ? 'RamBackend loaded from the image' : `FileBackend on the image (engine ${fileEngine})`}, ${notify} notify${spinUs > 0 ? `, polling ${spinUs} µs after activity` : ''}${busyPollUs > 0 ? `, socket busy-polled ${busyPollUs} µs` : ''}, ${queues} queues), separate process`,
+      ours: `vfio-user-pci -> VirtioBlkDevice (${backendKind === 'ram' ? 'RamBackend loaded from the image' : `FileBackend on the image (engine ${server.engine ?? '?'}${fileEngine === 'auto' ? ', chosen by auto' : ''})`}, ${notify} notify${spinUs > 0 ? `, polling ${spinUs} µs after activity` : ''}${busyPollUs > 0 ? `, socket busy-polled ${busyPollUs} µs` : ''}, ${queues} queues), separate process`,
       reference: `QEMU -device virtio-blk-pci (num-queues=${queues}), same raw image on tmpfs, aio=threads`,
       placement: `${os.cpus().length} CPUs; server ${pinServer ? `pinned to ${pinServer}` : 'unpinned'}; QEMU ${pinQemu ? `pinned to ${pinQemu}` : 'unpinned'}`,
       loadavg: { before: loadBefore.map((x) => +x.toFixed(2)), after: os.loadavg().map((x) => +x.toFixed(2)) },

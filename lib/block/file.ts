@@ -2,10 +2,10 @@
 import * as fs from 'node:fs';
 import { binding } from '../native/binding';
 import { IoUring, uringConstants, URING_MAX_IOVECS } from '../native/uring';
-import { checkRange, readOnlyError, type BlockBackend } from './backend';
+import { checkRange, readOnlyError, RESOLVED, type BlockBackend } from './backend';
 
 /** How a {@link FileBackend} reaches its file. */
-export type FileEngine = 'io_uring' | 'threadpool';
+export type FileEngine = 'io_uring' | 'threadpool' | 'sync';
 
 /** Options of {@link FileBackend.open}. */
 export interface FileBackendOptions {
@@ -17,8 +17,11 @@ export interface FileBackendOptions {
   readOnly?: boolean;
   /**
    * 'io_uring': one ring per backend, a system call per batch and no thread hand-off;
-   * 'threadpool': Node's fs on libuv's worker threads; 'auto' (default): io_uring where the
-   * kernel allows it, else the thread pool, with the reason in {@link FileBackend.engineNote}.
+   * 'threadpool': Node's fs on libuv's worker threads; 'sync': preadv/pwritev on the event loop's
+   * own thread, for files in memory (tmpfs, ramfs), where a read is a copy that never waits and
+   * any hand-off costs more than the copy. 'auto' (default): 'sync' for a file in memory, else
+   * io_uring where the kernel allows it, else the thread pool, with the reason in
+   * {@link FileBackend.engineNote}.
    */
   engine?: FileEngine | 'auto';
   /**
@@ -35,6 +38,11 @@ const ZERO_CHUNK = 1 << 20;
 let zeroChunk: Buffer | null = null;
 /** Slots of each backend's ring: more requests than this wait in JS for a free one. */
 const RING_ENTRIES = 256;
+/** statfs f_type of the file systems whose files are memory: tmpfs (and /dev/shm), ramfs. */
+const MEMORY_FS_TYPES = new Map([
+  [0x01021994, 'tmpfs'],
+  [0x858458f6, 'ramfs'],
+]);
 
 /**
  * A file (or block device) used as the namespace's storage, with positional scatter/gather I/O
@@ -53,17 +61,20 @@ export class FileBackend implements BlockBackend {
   readonly discardZeroes = false;
   /** How I/O reaches the file. */
   readonly engine: FileEngine;
-  /** Why the engine is not io_uring under 'auto' (a one-line reason); undefined otherwise. */
+  /** Why 'auto' chose an engine other than io_uring (a one-line reason); undefined otherwise. */
   readonly engineNote: string | undefined;
   #fd: number;
   /** With `direct`: a buffered descriptor for requests O_DIRECT refuses; else the same fd. */
   #bufferedFd: number;
   readonly #ring: IoUring | null;
+  /** The 'sync' engine: every request is done before its call returns. */
+  readonly #inline: boolean;
   #closing: Promise<void> | null = null;
 
   private constructor(
     fd: number,
     bufferedFd: number,
+    engine: FileEngine,
     ring: IoUring | null,
     engineNote: string | undefined,
     readonly size: number,
@@ -73,7 +84,8 @@ export class FileBackend implements BlockBackend {
     this.#fd = fd;
     this.#bufferedFd = bufferedFd;
     this.#ring = ring;
-    this.engine = ring !== null ? 'io_uring' : 'threadpool';
+    this.#inline = engine === 'sync';
+    this.engine = engine;
     this.engineNote = engineNote;
   }
 
@@ -104,11 +116,18 @@ export class FileBackend implements BlockBackend {
         directFd = fs.openSync(path, (flags & ~fs.constants.O_CREAT) | fs.constants.O_DIRECT);
         opened.push(directFd);
       }
+      let engine = options.engine ?? 'auto';
+      let note: string | undefined;
+      if (engine === 'auto') {
+        const memoryFs = st.isFile() ? MEMORY_FS_TYPES.get(fs.statfsSync(path).type) : undefined;
+        if (memoryFs !== undefined) {
+          engine = 'sync';
+          note = `a file on ${memoryFs} is memory: read and written in place, with no hand-off`;
+        }
+      }
       // The ring comes last: nothing after it can fail.
       let ring: IoUring | null = null;
-      let note: string | undefined;
-      const engine = options.engine ?? 'auto';
-      if (engine !== 'threadpool') {
+      if (engine === 'io_uring' || engine === 'auto') {
         try {
           ring = IoUring.open(RING_ENTRIES);
         } catch (err) {
@@ -116,7 +135,8 @@ export class FileBackend implements BlockBackend {
           note = IoUring.unavailableReason(err);
         }
       }
-      return new FileBackend(directFd, fd, ring, note, size, path, readOnly);
+      const chosen: FileEngine = ring !== null ? 'io_uring' : engine === 'sync' ? 'sync' : 'threadpool';
+      return new FileBackend(directFd, fd, chosen, ring, note, size, path, readOnly);
     } catch (err) {
       for (const f of opened) fs.closeSync(f);
       throw err;
@@ -133,12 +153,56 @@ export class FileBackend implements BlockBackend {
     return this.#bufferedFd !== this.#fd;
   }
 
-  async read(offset: number, dst: Buffer): Promise<void> {
+  read(offset: number, dst: Buffer): Promise<void> {
+    if (!this.#inline) return this.#readChecked(offset, dst);
+    try {
+      checkRange(this.size, offset, dst.length);
+      this.#readInline(offset, dst);
+      return RESOLVED;
+    } catch (err) {
+      return Promise.reject(err as Error);
+    }
+  }
+
+  readv(offset: number, dsts: readonly Buffer[]): Promise<void> {
+    if (!this.#inline || dsts.length > IOV_MAX) return this.#readvChunked(offset, dsts);
+    try {
+      checkRange(this.size, offset, totalLength(dsts));
+      this.#readInline(offset, dsts);
+      return RESOLVED;
+    } catch (err) {
+      return Promise.reject(err as Error);
+    }
+  }
+
+  write(offset: number, src: Buffer, fua: boolean): Promise<void> {
+    if (!this.#inline) return this.#writeChecked(offset, src, fua);
+    try {
+      checkRange(this.size, offset, src.length);
+      this.#writeInline(offset, src, fua);
+      return RESOLVED;
+    } catch (err) {
+      return Promise.reject(err as Error);
+    }
+  }
+
+  writev(offset: number, srcs: readonly Buffer[], fua: boolean): Promise<void> {
+    if (!this.#inline || srcs.length > IOV_MAX) return this.#writevChunked(offset, srcs, fua);
+    try {
+      checkRange(this.size, offset, totalLength(srcs));
+      this.#writeInline(offset, srcs, fua);
+      return RESOLVED;
+    } catch (err) {
+      return Promise.reject(err as Error);
+    }
+  }
+
+  async #readChecked(offset: number, dst: Buffer): Promise<void> {
     checkRange(this.size, offset, dst.length);
     await this.#read(offset, dst, dst.length);
   }
 
-  async readv(offset: number, dsts: readonly Buffer[]): Promise<void> {
+  async #readvChunked(offset: number, dsts: readonly Buffer[]): Promise<void> {
     let at = offset;
     for (let i = 0; i < dsts.length; i += IOV_MAX) {
       const part = dsts.length <= IOV_MAX ? dsts : dsts.slice(i, i + IOV_MAX);
@@ -149,12 +213,12 @@ export class FileBackend implements BlockBackend {
     }
   }
 
-  async write(offset: number, src: Buffer, fua: boolean): Promise<void> {
+  async #writeChecked(offset: number, src: Buffer, fua: boolean): Promise<void> {
     checkRange(this.size, offset, src.length);
     await this.#write(offset, src, src.length, fua);
   }
 
-  async writev(offset: number, srcs: readonly Buffer[], fua: boolean): Promise<void> {
+  async #writevChunked(offset: number, srcs: readonly Buffer[], fua: boolean): Promise<void> {
     let at = offset;
     for (let i = 0; i < srcs.length; i += IOV_MAX) {
       const part = srcs.length <= IOV_MAX ? srcs : srcs.slice(i, i + IOV_MAX);
@@ -168,6 +232,10 @@ export class FileBackend implements BlockBackend {
 
   async flush(): Promise<void> {
     const fd = this.fd;
+    if (this.#inline) {
+      fs.fdatasyncSync(fd);
+      return;
+    }
     if (this.#ring !== null) {
       await this.#ring.fsync(fd, true);
       return;
@@ -226,6 +294,7 @@ export class FileBackend implements BlockBackend {
 
   /** Reads `length` bytes into `bufs`; past the end of the file reads as zeroes. */
   async #read(offset: number, bufs: Buffer | readonly Buffer[], length: number): Promise<void> {
+    if (this.#inline) return this.#readInline(offset, bufs);
     const ring = this.#ring;
     try {
       if (ring === null) return await readAll(this.fd, offset, asList(bufs));
@@ -240,6 +309,7 @@ export class FileBackend implements BlockBackend {
 
   /** Writes all `length` bytes of `bufs`, durably with `fua`. */
   async #write(offset: number, bufs: Buffer | readonly Buffer[], length: number, fua: boolean): Promise<void> {
+    if (this.#inline) return this.#writeInline(offset, bufs, fua);
     if (this.readOnly) throw readOnlyError(this.path);
     const ring = this.#ring;
     let fd = this.fd;
@@ -257,6 +327,30 @@ export class FileBackend implements BlockBackend {
       await writeAll(fd, offset, asList(bufs), this.path);
     }
     if (fua) await this.flush();
+  }
+
+  /** The 'sync' engine's read: done when it returns. */
+  #readInline(offset: number, bufs: Buffer | readonly Buffer[]): void {
+    try {
+      readAllSync(this.fd, offset, bufs);
+    } catch (err) {
+      if (!this.#refusedDirect(err)) throw err;
+      readAllSync(this.#bufferedFd, offset, bufs);
+    }
+  }
+
+  /** The 'sync' engine's write: done (and with `fua`, durable) when it returns. */
+  #writeInline(offset: number, bufs: Buffer | readonly Buffer[], fua: boolean): void {
+    if (this.readOnly) throw readOnlyError(this.path);
+    let fd = this.fd;
+    try {
+      writeAllSync(fd, offset, bufs, this.path);
+    } catch (err) {
+      if (!this.#refusedDirect(err)) throw err;
+      fd = this.#bufferedFd;
+      writeAllSync(fd, offset, bufs, this.path);
+    }
+    if (fua) fs.fdatasyncSync(fd);
   }
 
   /** fallocate ZERO_RANGE on the ring; false where the file system cannot (then write zeroes). */
@@ -302,6 +396,52 @@ async function readAll(fd: number, offset: number, bufs: readonly Buffer[]): Pro
       for (const b of rest) b.fill(0); // end of file: the sparse tail
       return;
     }
+    list = rest;
+    at += n;
+  }
+}
+
+/** readAll on the calling thread; a single buffer takes pread (no array). */
+function readAllSync(fd: number, offset: number, bufs: Buffer | readonly Buffer[]): void {
+  if (Buffer.isBuffer(bufs)) {
+    const n = fs.readSync(fd, bufs, 0, bufs.length, offset);
+    if (n === bufs.length) return;
+    return readAllSync(fd, offset + n, [bufs.subarray(n)]);
+  }
+  let list = bufs;
+  let at = offset;
+  for (;;) {
+    const n = fs.readvSync(fd, list as Buffer[], at);
+    const rest = n === 0 ? zeroFill(list) : advance(list, n);
+    if (rest === null) return;
+    list = rest;
+    at += n;
+  }
+}
+
+/** End of file: the sparse tail reads as zeroes. */
+function zeroFill(bufs: readonly Buffer[]): null {
+  for (const b of bufs) b.fill(0);
+  return null;
+}
+
+/** writeAll on the calling thread; a single buffer takes pwrite (no array). */
+function writeAllSync(fd: number, offset: number, bufs: Buffer | readonly Buffer[], what: string): void {
+  let list: readonly Buffer[] | null = Buffer.isBuffer(bufs) ? null : bufs;
+  let at = offset;
+  if (list === null) {
+    const src = bufs as Buffer;
+    const n = fs.writeSync(fd, src, 0, src.length, at);
+    if (n === src.length) return;
+    if (n === 0) throw Object.assign(new Error(`${what}: short write`), { code: 'EIO' });
+    list = [src.subarray(n)];
+    at += n;
+  }
+  for (;;) {
+    const n = fs.writevSync(fd, list as Buffer[], at);
+    const rest = advance(list, n);
+    if (rest === null) return;
+    if (n === 0) throw Object.assign(new Error(`${what}: short write`), { code: 'EIO' });
     list = rest;
     at += n;
   }

@@ -36,8 +36,10 @@ nvme options:
                        size is the export's; I/O waits while the server is away (30 s at most)
   --nbd-connections N  NBD connections when the server allows several, 1..16 (default 4)
   --read-only          a write-protected namespace (any backend; writes fail)
-  --aio ENGINE         --file I/O: io_uring (default where the kernel allows it; the ready line
-                       says when it does not, and why) or threads (libuv's thread pool)
+  --aio ENGINE         --file I/O: io_uring, threads (libuv's thread pool) or sync (on the event
+                       loop's thread; for files in memory). Default: sync for a file on tmpfs or
+                       ramfs, else io_uring where the kernel allows it, else threads; the ready
+                       line says which and why
   --direct             --file with O_DIRECT: no host page cache
   --queues N           I/O queue pairs, 1..64 (default 16)
   --block-size B       logical block size, 512 or 4096 (default 512)
@@ -56,6 +58,8 @@ virtio-blk options:
   --nbd URI            back the disk with an NBD export (URIs as for nvme); the size is the
                        export's; I/O waits while the server is away (30 s at most)
   --nbd-connections N  NBD connections when the server allows several, 1..16 (default 4)
+  --aio ENGINE         --file I/O: io_uring, threads or sync (as for nvme)
+  --direct             --file with O_DIRECT: no host page cache
   --queues N           request queues, 1..64 (default 4)
   --block-size B       logical block size, 512, 1024, 2048 or 4096 (default 512, or an NBD
                        export's minimum block size if larger)
@@ -205,7 +209,7 @@ export const serveCommand: CliCommand = {
 const DEVICE_OPTIONS: Record<string, readonly string[]> = {
   gpio: [],
   nvme: ['size', 'file', 'queues', 'block-size', 'serial', 'model', 'trace', 'doorbells', 'read-only', 'nbd', 'nbd-connections', 'aio', 'direct'],
-  'virtio-blk': ['size', 'file', 'queues', 'block-size', 'serial', 'trace', 'notify', 'read-only', 'nbd', 'nbd-connections'],
+  'virtio-blk': ['size', 'file', 'queues', 'block-size', 'serial', 'trace', 'notify', 'read-only', 'nbd', 'nbd-connections', 'aio', 'direct'],
 };
 
 /** The listening socket inherited (--fd, systemd), served instead of binding SOCKET; or null. */
@@ -372,12 +376,12 @@ async function openDisk(values: Record<string, string | boolean | undefined>, bl
   return { backend: new RamBackend(size ?? 2 ** 30, { readOnly }), blockSize };
 }
 
-/** nvme's --aio and --direct, for a FileBackend. */
+/** --aio and --direct, for a FileBackend. */
 function fileIoOptions(values: Record<string, string | boolean | undefined>): Pick<FileBackendOptions, 'engine' | 'direct'> {
   const aio = values.aio;
-  if (aio !== undefined && aio !== 'io_uring' && aio !== 'threads') throw new Error(`--aio must be io_uring or threads, got '${String(aio)}'`);
+  if (aio !== undefined && aio !== 'io_uring' && aio !== 'threads' && aio !== 'sync') throw new Error(`--aio must be io_uring, threads or sync, got '${String(aio)}'`);
   if ((aio !== undefined || values.direct === true) && values.file === undefined) throw new Error('--aio and --direct need --file');
-  return { engine: aio === 'threads' ? 'threadpool' : aio === 'io_uring' ? 'io_uring' : 'auto', direct: values.direct === true };
+  return { engine: aio === 'threads' ? 'threadpool' : aio === 'io_uring' || aio === 'sync' ? aio : 'auto', direct: values.direct === true };
 }
 
 /** Builds a device on `backend`; if that fails (a bad option), the backend is closed: an NBD backend's sockets would keep the process alive. */

@@ -1,4 +1,4 @@
-// FileBackend's engines: io_uring and the libuv thread pool give the same results; O_DIRECT with
+// FileBackend's engines: io_uring, the libuv thread pool and synchronous calls give the same results; O_DIRECT with
 // buffers it refuses falls back to a buffered descriptor; every fd is closed exactly once.
 import * as fs from 'node:fs';
 import * as os from 'node:os';
@@ -28,7 +28,7 @@ const uring = (() => {
   }
 })();
 
-describe.each<FileEngine>(['io_uring', 'threadpool'])('FileBackend engine %s', (engine) => {
+describe.each<FileEngine>(['io_uring', 'threadpool', 'sync'])('FileBackend engine %s', (engine) => {
   it.skipIf(engine === 'io_uring' && !uring)('reads, writes (FUA too), scatters, zeroes, discards and flushes', async () => {
     const p = path.join(dir, 'disk.img');
     const file = FileBackend.open(p, { size: 1 << 20, engine });
@@ -79,6 +79,49 @@ describe.each<FileEngine>(['io_uring', 'threadpool'])('FileBackend engine %s', (
     const file = FileBackend.open(p, { readOnly: true, size: 4096, engine });
     const err = await file.read(0, Buffer.alloc(512)).catch((e: unknown) => e as NodeJS.ErrnoException);
     expect(err).toMatchObject({ code: 'EISDIR', syscall: 'read' });
+    await file.close();
+  });
+});
+
+/** A tmpfs mount to put a file on (Debian mounts one at /dev/shm), or null. */
+const tmpfs = (() => {
+  for (const dir of ['/dev/shm', '/run/shm']) {
+    try {
+      if (fs.statfsSync(dir).type === 0x01021994) return dir;
+    } catch {
+      // not mounted here
+    }
+  }
+  return null;
+})();
+
+describe('FileBackend engine auto', () => {
+  it.skipIf(tmpfs === null)('a file on tmpfs is read and written synchronously, in place', async () => {
+    const p = path.join(tmpfs!, `file-engines-${process.pid}.img`);
+    const file = FileBackend.open(p, { size: 1 << 20 });
+    try {
+      expect(file.engine).toBe('sync');
+      expect(file.engineNote).toMatch(/tmpfs/);
+      const src = pattern(8192, 9);
+      // Done before the call returns: the bytes are in the file before the promise is awaited.
+      const written = file.writev(4096, [src.subarray(0, 100), src.subarray(100)], true);
+      expect(fs.readFileSync(p).subarray(4096, 4096 + 8192)).toEqual(src);
+      await written;
+      const into = Buffer.alloc(8192);
+      const read = file.read(4096, into);
+      expect(into).toEqual(src);
+      await read;
+      await expect(file.read(1 << 20, Buffer.alloc(1))).rejects.toThrow(RangeError);
+    } finally {
+      await file.close();
+      fs.rmSync(p, { force: true });
+    }
+  });
+
+  it.skipIf(!uring || fs.statfsSync(os.tmpdir()).type === 0x01021994)('a file on another file system goes through io_uring', async () => {
+    const file = FileBackend.open(path.join(dir, 'auto.img'), { size: 1 << 20 });
+    expect(file.engine).toBe('io_uring');
+    expect(file.engineNote).toBeUndefined();
     await file.close();
   });
 });
