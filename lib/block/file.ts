@@ -18,12 +18,21 @@ export interface FileBackendOptions {
   /**
    * 'io_uring': one ring per backend, a system call per batch and no thread hand-off;
    * 'threadpool': Node's fs on libuv's worker threads; 'sync': preadv/pwritev on the event loop's
-   * own thread, for files in memory (tmpfs, ramfs), where a read is a copy that never waits and
-   * any hand-off costs more than the copy. 'auto' (default): 'sync' for a file in memory, else
-   * io_uring where the kernel allows it, else the thread pool, with the reason in
-   * {@link FileBackend.engineNote}.
+   * own thread, for files in memory (tmpfs, ramfs), where a read is a copy that never waits.
+   * 'auto' (default): io_uring where the kernel allows it, else the thread pool (the reason in
+   * {@link FileBackend.engineNote}); for a file in memory, small requests are done in place
+   * (see {@link FileBackendOptions.inlineMax}).
    */
   engine?: FileEngine | 'auto';
+  /**
+   * A request of at most this many bytes that would be alone (nothing else with the engine, none
+   * done in place yet this event-loop turn) is done synchronously on the calling thread instead
+   * of by the engine. Default: {@link MEMORY_FILE_INLINE_MAX} for a file in memory under 'auto'
+   * (the kernel's io_uring hands a tmpfs read to a worker thread: at queue depth 1 that hop costs
+   * more than copying a few pages, while with company the workers' parallel copies win), else 0;
+   * 'sync' does every request in place.
+   */
+  inlineMax?: number;
   /**
    * O_DIRECT: bypass the host page cache. A request the kernel refuses for its alignment (EINVAL)
    * is redone through a second, buffered descriptor. Default false.
@@ -38,6 +47,8 @@ const ZERO_CHUNK = 1 << 20;
 let zeroChunk: Buffer | null = null;
 /** Slots of each backend's ring: more requests than this wait in JS for a free one. */
 const RING_ENTRIES = 256;
+/** The requests a file in memory has done in place by default: up to 64 KiB. */
+export const MEMORY_FILE_INLINE_MAX = 64 << 10;
 /** statfs f_type of the file systems whose files are memory: tmpfs (and /dev/shm), ramfs. */
 const MEMORY_FS_TYPES = new Map([
   [0x01021994, 'tmpfs'],
@@ -61,20 +72,30 @@ export class FileBackend implements BlockBackend {
   readonly discardZeroes = false;
   /** How I/O reaches the file. */
   readonly engine: FileEngine;
-  /** Why 'auto' chose an engine other than io_uring (a one-line reason); undefined otherwise. */
+  /** Under 'auto': why the engine is not io_uring, and whether small requests are done in place (one line); else undefined. */
   readonly engineNote: string | undefined;
   #fd: number;
   /** With `direct`: a buffered descriptor for requests O_DIRECT refuses; else the same fd. */
   #bufferedFd: number;
   readonly #ring: IoUring | null;
-  /** The 'sync' engine: every request is done before its call returns. */
-  readonly #inline: boolean;
+  /**
+   * A request of at most this many bytes that would be alone is done before its call returns
+   * (Infinity with the 'sync' engine: every request; 0: none). See {@link FileBackendOptions.inlineMax}.
+   */
+  readonly inlineMax: number;
+  /** Requests with the engine now (see #inPlace). */
+  #handedOff = 0;
+  #inPlaceThisTurn = false;
+  readonly #newTurn = (): void => {
+    this.#inPlaceThisTurn = false;
+  };
   #closing: Promise<void> | null = null;
 
   private constructor(
     fd: number,
     bufferedFd: number,
     engine: FileEngine,
+    inlineMax: number,
     ring: IoUring | null,
     engineNote: string | undefined,
     readonly size: number,
@@ -84,7 +105,7 @@ export class FileBackend implements BlockBackend {
     this.#fd = fd;
     this.#bufferedFd = bufferedFd;
     this.#ring = ring;
-    this.#inline = engine === 'sync';
+    this.inlineMax = inlineMax;
     this.engine = engine;
     this.engineNote = engineNote;
   }
@@ -116,17 +137,15 @@ export class FileBackend implements BlockBackend {
         directFd = fs.openSync(path, (flags & ~fs.constants.O_CREAT) | fs.constants.O_DIRECT);
         opened.push(directFd);
       }
-      let engine = options.engine ?? 'auto';
-      let note: string | undefined;
-      if (engine === 'auto') {
-        const memoryFs = st.isFile() ? MEMORY_FS_TYPES.get(fs.statfsSync(path).type) : undefined;
-        if (memoryFs !== undefined) {
-          engine = 'sync';
-          note = `a file on ${memoryFs} is memory: read and written in place, with no hand-off`;
-        }
-      }
+      const engine = options.engine ?? 'auto';
+      let inlineMax = options.inlineMax ?? 0;
+      if (!(inlineMax >= 0)) throw new RangeError(`inlineMax must be a byte count >= 0, got ${String(options.inlineMax)}`);
+      const memoryFs = engine === 'auto' && options.inlineMax === undefined && st.isFile() ? MEMORY_FS_TYPES.get(fs.statfsSync(path).type) : undefined;
+      if (memoryFs !== undefined) inlineMax = MEMORY_FILE_INLINE_MAX;
+      if (engine === 'sync') inlineMax = Infinity;
       // The ring comes last: nothing after it can fail.
       let ring: IoUring | null = null;
+      let note: string | undefined;
       if (engine === 'io_uring' || engine === 'auto') {
         try {
           ring = IoUring.open(RING_ENTRIES);
@@ -136,7 +155,11 @@ export class FileBackend implements BlockBackend {
         }
       }
       const chosen: FileEngine = ring !== null ? 'io_uring' : engine === 'sync' ? 'sync' : 'threadpool';
-      return new FileBackend(directFd, fd, chosen, ring, note, size, path, readOnly);
+      if (memoryFs !== undefined) {
+        const inPlace = `a file on ${memoryFs}: requests up to ${MEMORY_FILE_INLINE_MAX >> 10} KiB are copied in place`;
+        note = note === undefined ? inPlace : `${note}; ${inPlace}`;
+      }
+      return new FileBackend(directFd, fd, chosen, inlineMax, ring, note, size, path, readOnly);
     } catch (err) {
       for (const f of opened) fs.closeSync(f);
       throw err;
@@ -154,7 +177,7 @@ export class FileBackend implements BlockBackend {
   }
 
   read(offset: number, dst: Buffer): Promise<void> {
-    if (!this.#inline) return this.#readChecked(offset, dst);
+    if (!this.#inPlace(dst.length)) return this.#readChecked(offset, dst);
     try {
       checkRange(this.size, offset, dst.length);
       this.#readInline(offset, dst);
@@ -165,9 +188,10 @@ export class FileBackend implements BlockBackend {
   }
 
   readv(offset: number, dsts: readonly Buffer[]): Promise<void> {
-    if (!this.#inline || dsts.length > IOV_MAX) return this.#readvChunked(offset, dsts);
+    const length = this.inlineMax > 0 && dsts.length <= IOV_MAX ? totalLength(dsts) : Infinity;
+    if (!this.#inPlace(length)) return this.#readvChunked(offset, dsts);
     try {
-      checkRange(this.size, offset, totalLength(dsts));
+      checkRange(this.size, offset, length);
       this.#readInline(offset, dsts);
       return RESOLVED;
     } catch (err) {
@@ -176,63 +200,99 @@ export class FileBackend implements BlockBackend {
   }
 
   write(offset: number, src: Buffer, fua: boolean): Promise<void> {
-    if (!this.#inline) return this.#writeChecked(offset, src, fua);
+    if (!this.#inPlace(src.length)) return this.#writeChecked(offset, src, fua);
     try {
       checkRange(this.size, offset, src.length);
-      this.#writeInline(offset, src, fua);
-      return RESOLVED;
+      this.#writeInline(offset, src);
+      return fua ? this.flush() : RESOLVED;
     } catch (err) {
       return Promise.reject(err as Error);
     }
   }
 
   writev(offset: number, srcs: readonly Buffer[], fua: boolean): Promise<void> {
-    if (!this.#inline || srcs.length > IOV_MAX) return this.#writevChunked(offset, srcs, fua);
+    const length = this.inlineMax > 0 && srcs.length <= IOV_MAX ? totalLength(srcs) : Infinity;
+    if (!this.#inPlace(length)) return this.#writevChunked(offset, srcs, fua);
     try {
-      checkRange(this.size, offset, totalLength(srcs));
-      this.#writeInline(offset, srcs, fua);
-      return RESOLVED;
+      checkRange(this.size, offset, length);
+      this.#writeInline(offset, srcs);
+      return fua ? this.flush() : RESOLVED;
     } catch (err) {
       return Promise.reject(err as Error);
     }
   }
 
+  /**
+   * Whether a request of `length` bytes is done in place: with the 'sync' engine, every one; else
+   * one at most `inlineMax` bytes that would be alone, i.e. with nothing handed to the engine and
+   * none done in place yet this event-loop turn. With company, the engine's workers copy in
+   * parallel with this thread, which beats copying one after the other here.
+   */
+  #inPlace(length: number): boolean {
+    if (length > this.inlineMax) return false;
+    if (this.engine === 'sync') return true;
+    if (this.#handedOff > 0 || this.#inPlaceThisTurn) return false;
+    this.#inPlaceThisTurn = true;
+    setImmediate(this.#newTurn);
+    return true;
+  }
+
   async #readChecked(offset: number, dst: Buffer): Promise<void> {
     checkRange(this.size, offset, dst.length);
-    await this.#read(offset, dst, dst.length);
+    this.#handedOff++;
+    try {
+      await this.#read(offset, dst, dst.length);
+    } finally {
+      this.#handedOff--;
+    }
   }
 
   async #readvChunked(offset: number, dsts: readonly Buffer[]): Promise<void> {
-    let at = offset;
-    for (let i = 0; i < dsts.length; i += IOV_MAX) {
-      const part = dsts.length <= IOV_MAX ? dsts : dsts.slice(i, i + IOV_MAX);
-      const length = totalLength(part);
-      checkRange(this.size, at, length);
-      await this.#read(at, part, length);
-      at += length;
+    this.#handedOff++;
+    try {
+      let at = offset;
+      for (let i = 0; i < dsts.length; i += IOV_MAX) {
+        const part = dsts.length <= IOV_MAX ? dsts : dsts.slice(i, i + IOV_MAX);
+        const length = totalLength(part);
+        checkRange(this.size, at, length);
+        await this.#read(at, part, length);
+        at += length;
+      }
+    } finally {
+      this.#handedOff--;
     }
   }
 
   async #writeChecked(offset: number, src: Buffer, fua: boolean): Promise<void> {
     checkRange(this.size, offset, src.length);
-    await this.#write(offset, src, src.length, fua);
+    this.#handedOff++;
+    try {
+      await this.#write(offset, src, src.length, fua);
+    } finally {
+      this.#handedOff--;
+    }
   }
 
   async #writevChunked(offset: number, srcs: readonly Buffer[], fua: boolean): Promise<void> {
-    let at = offset;
-    for (let i = 0; i < srcs.length; i += IOV_MAX) {
-      const part = srcs.length <= IOV_MAX ? srcs : srcs.slice(i, i + IOV_MAX);
-      const length = totalLength(part);
-      checkRange(this.size, at, length);
-      // FUA on every part: each is durable before the next is written, as one write would be.
-      await this.#write(at, part, length, fua);
-      at += length;
+    this.#handedOff++;
+    try {
+      let at = offset;
+      for (let i = 0; i < srcs.length; i += IOV_MAX) {
+        const part = srcs.length <= IOV_MAX ? srcs : srcs.slice(i, i + IOV_MAX);
+        const length = totalLength(part);
+        checkRange(this.size, at, length);
+        // FUA on every part: each is durable before the next is written, as one write would be.
+        await this.#write(at, part, length, fua);
+        at += length;
+      }
+    } finally {
+      this.#handedOff--;
     }
   }
 
   async flush(): Promise<void> {
     const fd = this.fd;
-    if (this.#inline) {
+    if (this.engine === 'sync') {
       fs.fdatasyncSync(fd);
       return;
     }
@@ -294,7 +354,7 @@ export class FileBackend implements BlockBackend {
 
   /** Reads `length` bytes into `bufs`; past the end of the file reads as zeroes. */
   async #read(offset: number, bufs: Buffer | readonly Buffer[], length: number): Promise<void> {
-    if (this.#inline) return this.#readInline(offset, bufs);
+    if (this.engine === 'sync') return this.#readInline(offset, bufs);
     const ring = this.#ring;
     try {
       if (ring === null) return await readAll(this.fd, offset, asList(bufs));
@@ -309,7 +369,11 @@ export class FileBackend implements BlockBackend {
 
   /** Writes all `length` bytes of `bufs`, durably with `fua`. */
   async #write(offset: number, bufs: Buffer | readonly Buffer[], length: number, fua: boolean): Promise<void> {
-    if (this.#inline) return this.#writeInline(offset, bufs, fua);
+    if (this.engine === 'sync') {
+      this.#writeInline(offset, bufs);
+      if (fua) await this.flush();
+      return;
+    }
     if (this.readOnly) throw readOnlyError(this.path);
     const ring = this.#ring;
     let fd = this.fd;
@@ -329,7 +393,7 @@ export class FileBackend implements BlockBackend {
     if (fua) await this.flush();
   }
 
-  /** The 'sync' engine's read: done when it returns. */
+  /** A read done in place: complete when it returns. */
   #readInline(offset: number, bufs: Buffer | readonly Buffer[]): void {
     try {
       readAllSync(this.fd, offset, bufs);
@@ -339,18 +403,15 @@ export class FileBackend implements BlockBackend {
     }
   }
 
-  /** The 'sync' engine's write: done (and with `fua`, durable) when it returns. */
-  #writeInline(offset: number, bufs: Buffer | readonly Buffer[], fua: boolean): void {
+  /** A write done in place: complete (not yet durable) when it returns. */
+  #writeInline(offset: number, bufs: Buffer | readonly Buffer[]): void {
     if (this.readOnly) throw readOnlyError(this.path);
-    let fd = this.fd;
     try {
-      writeAllSync(fd, offset, bufs, this.path);
+      writeAllSync(this.fd, offset, bufs, this.path);
     } catch (err) {
       if (!this.#refusedDirect(err)) throw err;
-      fd = this.#bufferedFd;
-      writeAllSync(fd, offset, bufs, this.path);
+      writeAllSync(this.#bufferedFd, offset, bufs, this.path);
     }
-    if (fua) fs.fdatasyncSync(fd);
   }
 
   /** fallocate ZERO_RANGE on the ring; false where the file system cannot (then write zeroes). */

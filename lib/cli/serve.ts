@@ -37,9 +37,9 @@ nvme options:
   --nbd-connections N  NBD connections when the server allows several, 1..16 (default 4)
   --read-only          a write-protected namespace (any backend; writes fail)
   --aio ENGINE         --file I/O: io_uring, threads (libuv's thread pool) or sync (on the event
-                       loop's thread; for files in memory). Default: sync for a file on tmpfs or
-                       ramfs, else io_uring where the kernel allows it, else threads; the ready
-                       line says which and why
+                       loop's thread; for files in memory). Default: io_uring where the kernel
+                       allows it, else threads; a file on tmpfs or ramfs has requests up to 64 KiB
+                       copied in place. The ready line says which and why
   --direct             --file with O_DIRECT: no host page cache
   --queues N           I/O queue pairs, 1..64 (default 16)
   --block-size B       logical block size, 512 or 4096 (default 512)
@@ -384,6 +384,12 @@ function fileIoOptions(values: Record<string, string | boolean | undefined>): Pi
   return { engine: aio === 'threads' ? 'threadpool' : aio === 'io_uring' || aio === 'sync' ? aio : 'auto', direct: values.direct === true };
 }
 
+/** How a file is read and written, for the ready line (`inlineMaxBytes`: requests done in place, when not all are). */
+function fileIoReport(file: FileBackend): { engine: string; note?: string; inlineMaxBytes?: number; direct: boolean } {
+  const partlyInline = file.inlineMax > 0 && Number.isFinite(file.inlineMax);
+  return { engine: file.engine, ...(file.engineNote !== undefined ? { note: file.engineNote } : {}), ...(partlyInline ? { inlineMaxBytes: file.inlineMax } : {}), direct: file.direct };
+}
+
 /** Builds a device on `backend`; if that fails (a bad option), the backend is closed: an NBD backend's sockets would keep the process alive. */
 async function onBackend<T>(backend: BlockBackend, make: () => T): Promise<T> {
   try {
@@ -412,7 +418,7 @@ async function serveDisk(socket: string, options: ServerOptions, json: boolean, 
   const nbd = backend instanceof NbdBackend ? backend : null;
   // `backing` keeps its first-wave form ("file PATH", "nbd URI", "RAM"; ", read-only"): scripts
   // parse it. How a file is read and written goes in a field of its own.
-  const fileIo = backend instanceof FileBackend ? { engine: backend.engine, ...(backend.engineNote !== undefined ? { note: backend.engineNote } : {}), direct: backend.direct } : null;
+  const fileIo = backend instanceof FileBackend ? fileIoReport(backend) : null;
   const fileText = fileIo === null ? '' : `, ${fileIo.engine}${fileIo.note !== undefined ? ` (${fileIo.note})` : ''}${fileIo.direct ? ', O_DIRECT' : ''}`;
   const readOnly = backend.readOnly === true ? ', read-only' : '';
   const backing = `${nbd !== null ? `nbd ${nbd.uri}` : values.file !== undefined ? `file ${String(values.file)}` : 'RAM'}${readOnly}`;

@@ -4,7 +4,7 @@ import * as fs from 'node:fs';
 import * as os from 'node:os';
 import * as path from 'node:path';
 import { afterEach, beforeEach, describe, expect, it } from 'vitest';
-import { FileBackend, type FileEngine } from '../../lib/block';
+import { FileBackend, MEMORY_FILE_INLINE_MAX, type FileEngine } from '../../lib/block';
 import { binding, createMemfd, IoUring } from '../../lib/native';
 import { pattern } from '../devices/nvme/rig';
 import { useFdLeakCheck } from '../helpers/fds';
@@ -34,6 +34,7 @@ describe.each<FileEngine>(['io_uring', 'threadpool', 'sync'])('FileBackend engin
     const file = FileBackend.open(p, { size: 1 << 20, engine });
     expect(file.engine).toBe(engine);
     expect(file.engineNote).toBeUndefined();
+    expect(file.inlineMax).toBe(engine === 'sync' ? Infinity : 0);
     expect(file.direct).toBe(false);
     const parts = [pattern(512, 1), pattern(3584, 2)];
     await Promise.all([file.writev(0, parts, false), file.write(8192, pattern(4096, 3), true)]);
@@ -96,21 +97,47 @@ const tmpfs = (() => {
 })();
 
 describe('FileBackend engine auto', () => {
-  it.skipIf(tmpfs === null)('a file on tmpfs is read and written synchronously, in place', async () => {
+  it.skipIf(tmpfs === null)('a file on tmpfs has a small request done in place when it is alone, the rest by the engine', async () => {
     const p = path.join(tmpfs!, `file-engines-${process.pid}.img`);
     const file = FileBackend.open(p, { size: 1 << 20 });
+    const nextTurn = () => new Promise((r) => setImmediate(r));
+    const inFile = (at: number, length: number) => fs.readFileSync(p).subarray(at, at + length);
     try {
-      expect(file.engine).toBe('sync');
-      expect(file.engineNote).toMatch(/tmpfs/);
+      expect(file.engine).toBe(uring ? 'io_uring' : 'threadpool');
+      expect(file.inlineMax).toBe(MEMORY_FILE_INLINE_MAX);
+      expect(file.engineNote).toMatch(/tmpfs: requests up to 64 KiB are copied in place/);
       const src = pattern(8192, 9);
-      // Done before the call returns: the bytes are in the file before the promise is awaited.
+      // Alone: done before the call returns, the bytes in the file before the promise is awaited.
       const written = file.writev(4096, [src.subarray(0, 100), src.subarray(100)], true);
-      expect(fs.readFileSync(p).subarray(4096, 4096 + 8192)).toEqual(src);
+      expect(inFile(4096, 8192)).toEqual(src);
       await written;
+      await nextTurn();
       const into = Buffer.alloc(8192);
       const read = file.read(4096, into);
       expect(into).toEqual(src);
       await read;
+      await nextTurn();
+      // Two in one turn: the first in place, the second with the engine (not done on return).
+      const a = pattern(4096, 1);
+      const b = pattern(4096, 2);
+      const both = [file.write(0, a, false), file.write(16384, b, false)];
+      expect(inFile(0, 4096)).toEqual(a);
+      expect(inFile(16384, 4096)).not.toEqual(b);
+      await Promise.all(both);
+      expect(inFile(16384, 4096)).toEqual(b);
+      await nextTurn();
+      // Above the limit: the engine's, even alone.
+      const big = pattern(MEMORY_FILE_INLINE_MAX + 4096, 4);
+      const bigWrite = file.write(65536, big, false);
+      expect(inFile(65536, big.length)).not.toEqual(big);
+      // While it is with the engine, a small request is not alone either.
+      await nextTurn();
+      const c = pattern(512, 3);
+      const small = file.write(32768, c, false);
+      expect(inFile(32768, 512)).not.toEqual(c);
+      await Promise.all([bigWrite, small]);
+      expect(inFile(65536, big.length)).toEqual(big);
+      expect(inFile(32768, 512)).toEqual(c);
       await expect(file.read(1 << 20, Buffer.alloc(1))).rejects.toThrow(RangeError);
     } finally {
       await file.close();
