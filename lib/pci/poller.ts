@@ -6,9 +6,14 @@
  * | phase | entered                             | next poll               |
  * |-------|-------------------------------------|-------------------------|
  * | spin  | on any work, notify or completion   | `setImmediate`          |
- * | short | `spinUs` (200 µs) without work       | `setTimeout(shortMs)`   |
+ * | short | the spin window without work        | `setTimeout(shortMs)`   |
  * | long  | `shortForMs` (100 ms) without work   | `setTimeout(longMs)`    |
  * | sleep | the target armed its notifications  | none: a trapped notify wakes it |
+ *
+ * The spin window starts at `spinUs` (200 µs). Work found by the first timer polls after it (a
+ * client whose requests come a little further apart than the window, as a guest at queue depth 1
+ * does) doubles it, up to `maxSpinUs`, so that the next request is caught by a spin poll instead
+ * of waiting for a timer; a pause long enough to reach the long phase resets it.
  *
  * Spinning costs a core while the guest is busy, so the window is short: under TCG the guest
  * competes with us for the same cores. A spin poll that found nothing yields the CPU (sched_yield),
@@ -25,6 +30,8 @@ import { binding } from '../native/binding';
 export interface PollPolicy {
   /** Keep polling with setImmediate for this long after the last work, in microseconds. */
   spinUs: number;
+  /** The most the spin window grows to when work keeps arriving just after it (microseconds). */
+  maxSpinUs: number;
   /** Then poll every `shortMs` milliseconds... */
   shortMs: number;
   /** ...until idle for `shortForMs` milliseconds... */
@@ -33,7 +40,7 @@ export interface PollPolicy {
   longMs: number;
 }
 
-export const DEFAULT_POLL_POLICY: Readonly<PollPolicy> = Object.freeze({ spinUs: 200, shortMs: 1, shortForMs: 100, longMs: 10 });
+export const DEFAULT_POLL_POLICY: Readonly<PollPolicy> = Object.freeze({ spinUs: 200, maxSpinUs: 1000, shortMs: 1, shortForMs: 100, longMs: 10 });
 
 /** What the poller drives. */
 export interface PollTarget {
@@ -56,6 +63,8 @@ export type PollPhase = 'stopped' | 'spin' | 'short' | 'long' | 'sleep';
 export class AdaptivePoller {
   private phaseValue: PollPhase = 'stopped';
   private lastWork = 0;
+  /** The current spin window (µs): `spinUs`, doubled while work arrives just after it. */
+  private windowUs: number;
   /** Woken while spinning: counts as work at the next poll. */
   private woken = false;
   private immediate: NodeJS.Immediate | null = null;
@@ -67,10 +76,17 @@ export class AdaptivePoller {
   constructor(
     private readonly target: PollTarget,
     readonly policy: Readonly<PollPolicy> = DEFAULT_POLL_POLICY,
-  ) {}
+  ) {
+    this.windowUs = policy.spinUs;
+  }
 
   get phase(): PollPhase {
     return this.phaseValue;
+  }
+
+  /** The spin window now, in microseconds. */
+  get spinWindowUs(): number {
+    return this.windowUs;
   }
 
   /** Activity seen (a notify or doorbell message, a register access, a completion): poll eagerly again. */
@@ -118,12 +134,18 @@ export class AdaptivePoller {
       this.woken = false;
       this.lastWork = now;
     }
-    if (target.poll()) this.lastWork = now;
+    const policy = this.policy;
+    if (target.poll()) {
+      // Found by one of the first timer polls after the window: the window was just too short.
+      if (phase === 'short' && (now - this.lastWork) * 1000 < this.windowUs + 2000 * policy.shortMs) {
+        this.windowUs = Math.min(Math.max(policy.maxSpinUs, policy.spinUs), this.windowUs * 2);
+      }
+      this.lastWork = now;
+    }
     // poll() may have stopped us (a reset, a fault) or woken us (a completion): respect that.
     if (this.phaseValue === 'stopped' || this.immediate !== null || this.timer !== null) return;
     const idleMs = now - this.lastWork;
-    const policy = this.policy;
-    if (idleMs * 1000 < policy.spinUs) {
+    if (idleMs * 1000 < this.windowUs) {
       if (this.lastWork !== now) binding.schedYield();
       this.phaseValue = 'spin';
       this.immediate = setImmediate(this.tick);
@@ -141,6 +163,7 @@ export class AdaptivePoller {
       return;
     }
     const long = idleMs >= policy.shortForMs;
+    if (long) this.windowUs = policy.spinUs;
     this.phaseValue = long ? 'long' : 'short';
     this.timer = setTimeout(this.tick, long ? policy.longMs : policy.shortMs);
     this.timer.unref();
