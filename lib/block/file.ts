@@ -156,7 +156,7 @@ export class FileBackend implements BlockBackend {
       }
       const chosen: FileEngine = ring !== null ? 'io_uring' : engine === 'sync' ? 'sync' : 'threadpool';
       if (memoryFs !== undefined) {
-        const inPlace = `a file on ${memoryFs}: requests up to ${MEMORY_FILE_INLINE_MAX >> 10} KiB are copied in place`;
+        const inPlace = `a file on ${memoryFs}: a lone request up to ${MEMORY_FILE_INLINE_MAX >> 10} KiB is copied in place`;
         note = note === undefined ? inPlace : `${note}; ${inPlace}`;
       }
       return new FileBackend(directFd, fd, chosen, inlineMax, ring, note, size, path, readOnly);

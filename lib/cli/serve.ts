@@ -38,8 +38,8 @@ nvme options:
   --read-only          a write-protected namespace (any backend; writes fail)
   --aio ENGINE         --file I/O: io_uring, threads (libuv's thread pool) or sync (on the event
                        loop's thread; for files in memory). Default: io_uring where the kernel
-                       allows it, else threads; a file on tmpfs or ramfs has requests up to 64 KiB
-                       copied in place. The ready line says which and why
+                       allows it, else threads; on tmpfs or ramfs a lone request of up to 64 KiB
+                       is copied in place. The ready line says which and why
   --direct             --file with O_DIRECT: no host page cache
   --queues N           I/O queue pairs, 1..64 (default 16)
   --block-size B       logical block size, 512 or 4096 (default 512)

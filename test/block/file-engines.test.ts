@@ -105,7 +105,7 @@ describe('FileBackend engine auto', () => {
     try {
       expect(file.engine).toBe(uring ? 'io_uring' : 'threadpool');
       expect(file.inlineMax).toBe(MEMORY_FILE_INLINE_MAX);
-      expect(file.engineNote).toMatch(/tmpfs: requests up to 64 KiB are copied in place/);
+      expect(file.engineNote).toMatch(/tmpfs: a lone request up to 64 KiB is copied in place/);
       const src = pattern(8192, 9);
       // Alone: done before the call returns, the bytes in the file before the promise is awaited.
       const written = file.writev(4096, [src.subarray(0, 100), src.subarray(100)], true);
