@@ -16,7 +16,11 @@
 // Fused receive (receiveInto(buffer, state)): for a socket, the Poller itself makes the recvmsg
 // into buffer[state[0], state[0] + state[1]) before calling back, and leaves the result in state
 // (see kState*), so one crossing into JS carries a wake-up and its bytes and fds. While busy
-// polling, that recvmsg is also the check for traffic.
+// polling, that recvmsg is also the check for traffic. The fds a receive leaves in the state are
+// JS's once its callback has run; if JS can no longer run (a Worker being torn down: the call
+// fails, or the environment goes before the next one), the Poller closes them itself.
+#include <unistd.h>
+
 #include <poll.h>
 #include <sched.h>
 #include <time.h>
@@ -79,6 +83,9 @@ class Poller : public Napi::ObjectWrap<Poller> {
   // The fused recvmsg; false if it would block (or no fused receive is armed).
   bool Receive();
   void DropReceive();
+  // Closes the fds a fused receive left in the state that JS never took, and clears it.
+  void CloseUntakenFds();
+  static void OnEnvCleanup(void* arg);
 
   Handle* handle_ = nullptr;
   int fd_ = -1;
@@ -92,6 +99,7 @@ class Poller : public Napi::ObjectWrap<Poller> {
   size_t rx_fd_room_ = 0;
   bool active_ = false;
   bool in_callback_ = false;
+  bool cleanup_hooked_ = false;
   Napi::FunctionReference callback_;
   std::unique_ptr<Napi::AsyncContext> context_;
 };
@@ -124,9 +132,11 @@ Poller::Poller(const Napi::CallbackInfo& info) : Napi::ObjectWrap<Poller>(info) 
   callback_ = Napi::Persistent(info[1].As<Napi::Function>());
   context_ = std::make_unique<Napi::AsyncContext>(env, "vfio-user:Poller");
   info.This().As<Napi::Object>().TypeTag(&kPollerTag);
+  cleanup_hooked_ = napi_add_env_cleanup_hook(env, OnEnvCleanup, this) == napi_ok;
 }
 
 Poller::~Poller() {
+  if (cleanup_hooked_) napi_remove_env_cleanup_hook(Env(), OnEnvCleanup, this);
   if (handle_ != nullptr) {
     handle_->owner = nullptr;
     uv_close(reinterpret_cast<uv_handle_t*>(&handle_->poll), OnClose);
@@ -235,6 +245,25 @@ Napi::Value Poller::ReceiveInto(const Napi::CallbackInfo& info) {
   return env.Undefined();
 }
 
+void Poller::CloseUntakenFds() {
+  if (rx_state_ == nullptr || rx_state_[kStateResult] == kNotReceived) return;
+  // As the JS side does: a receive that failed or met the end has closed its fds already.
+  if (rx_state_[kStateResult] > 0) {
+    int64_t count = rx_state_[kStateFds];
+    for (int64_t k = 1; k <= count && static_cast<size_t>(k) <= rx_fd_room_; k++) close(rx_state_[kStateFds + k]);
+  }
+  rx_state_[kStateFds] = 0;
+  rx_state_[kStateResult] = kNotReceived;
+}
+
+// The environment is going (a Worker ends): JS will not take what the last receive brought. The
+// state's ArrayBuffer is still alive here (held by rx_state_ref_; the references go later).
+void Poller::OnEnvCleanup(void* arg) {
+  Poller* self = static_cast<Poller*>(arg);
+  self->cleanup_hooked_ = false;
+  self->CloseUntakenFds();
+}
+
 void Poller::DropReceive() {
   rx_buffer_ = nullptr;
   rx_state_ = nullptr;
@@ -311,7 +340,9 @@ bool Poller::Invoke(napi_value receiver, int status, int events) {
       again = false;
     }
   }
-  // Any other status means the environment can no longer run JS: nothing to report to.
+  // Any other status means the environment can no longer run JS: nothing to report to, and
+  // nobody to take the fds that came with this wake-up.
+  if (call != napi_ok && call != napi_pending_exception) CloseUntakenFds();
   napi_close_handle_scope(env, scope);
   return again;
 }

@@ -353,6 +353,40 @@ describe('Poller fused receive', () => {
   });
 });
 
+describe('Poller fused receive in a Worker that goes away', () => {
+  it('closes the fds a receive brought that JS never took', async () => {
+    const [a, b] = binding.socketpair();
+    opened.push(a, b);
+    const worker = new Worker(path.join(__dirname, 'fixtures', 'untaken-fds-worker.cjs'), {
+      workerData: { root: PACKAGE_ROOT, fd: b },
+      trackUnmanagedFds: false,
+    });
+    const exited = new Promise<void>((resolve) => worker.once('exit', () => resolve()));
+    const messages: unknown[] = [];
+    let next: (() => void) | null = null;
+    worker.on('message', (m: unknown) => {
+      messages.push(m);
+      next?.();
+    });
+    const message = async (): Promise<unknown> => {
+      while (messages.length === 0) await new Promise<void>((resolve) => (next = resolve));
+      return messages.shift();
+    };
+    expect(await message()).toBe('ready');
+    const sent = [eventfd(), eventfd()];
+    expect(binding.sendmsg(a, [Buffer.from('fds')], sent)).toBe(3);
+    for (const fd of sent) fs.closeSync(fd);
+    const got = (await message()) as { result: number; fds: number[] };
+    expect(got.result).toBe(3);
+    expect(got.fds).toHaveLength(2);
+    // The Worker's copies, open until it goes.
+    for (const fd of got.fds) expect(isOpen(fd)).toBe(true);
+    await worker.terminate();
+    await exited;
+    for (const fd of got.fds) expect(isOpen(fd)).toBe(false);
+  });
+});
+
 describe('Poller busy polling', () => {
   /**
    * Ping-pong with an echoing Worker; counts the callbacks between consecutive event-loop turns
