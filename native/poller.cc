@@ -250,7 +250,9 @@ void Poller::CloseUntakenFds() {
   // As the JS side does: a receive that failed or met the end has closed its fds already.
   if (rx_state_[kStateResult] > 0) {
     int64_t count = rx_state_[kStateFds];
-    for (int64_t k = 1; k <= count && static_cast<size_t>(k) <= rx_fd_room_; k++) close(rx_state_[kStateFds + k]);
+    for (int64_t k = 1; k <= count && static_cast<size_t>(k) <= rx_fd_room_; k++) {
+      close(rx_state_[kStateFds + k]);
+    }
   }
   rx_state_[kStateFds] = 0;
   rx_state_[kStateResult] = kNotReceived;
