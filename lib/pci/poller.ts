@@ -30,8 +30,8 @@ import { binding } from '../native/binding';
 export interface PollPolicy {
   /** Keep polling with setImmediate for this long after the last work, in microseconds. */
   spinUs: number;
-  /** The most the spin window grows to when work keeps arriving just after it (microseconds). */
-  maxSpinUs: number;
+  /** The most the spin window grows to when work keeps arriving just after it (µs; default 1000). */
+  maxSpinUs?: number;
   /** Then poll every `shortMs` milliseconds... */
   shortMs: number;
   /** ...until idle for `shortForMs` milliseconds... */
@@ -40,7 +40,8 @@ export interface PollPolicy {
   longMs: number;
 }
 
-export const DEFAULT_POLL_POLICY: Readonly<PollPolicy> = Object.freeze({ spinUs: 200, maxSpinUs: 1000, shortMs: 1, shortForMs: 100, longMs: 10 });
+const DEFAULT_MAX_SPIN_US = 1000;
+export const DEFAULT_POLL_POLICY: Readonly<PollPolicy> = Object.freeze({ spinUs: 200, maxSpinUs: DEFAULT_MAX_SPIN_US, shortMs: 1, shortForMs: 100, longMs: 10 });
 
 /** What the poller drives. */
 export interface PollTarget {
@@ -138,7 +139,8 @@ export class AdaptivePoller {
     if (target.poll()) {
       // Found by one of the first timer polls after the window: the window was just too short.
       if (phase === 'short' && (now - this.lastWork) * 1000 < this.windowUs + 2000 * policy.shortMs) {
-        this.windowUs = Math.min(Math.max(policy.maxSpinUs, policy.spinUs), this.windowUs * 2);
+        const most = Math.max(policy.maxSpinUs ?? DEFAULT_MAX_SPIN_US, policy.spinUs);
+        this.windowUs = Math.min(most, this.windowUs * 2);
       }
       this.lastWork = now;
     }
