@@ -45,6 +45,7 @@ class IoUring : public Napi::ObjectWrap<IoUring> {
   static Napi::Value PrepFallocate(const Napi::CallbackInfo& info);
   static Napi::Value Submit(const Napi::CallbackInfo& info);
   static Napi::Value Reap(const Napi::CallbackInfo& info);
+  static Napi::Value Unconsumed(const Napi::CallbackInfo& info);
   static Napi::Value Close(const Napi::CallbackInfo& info);
 
  private:
@@ -358,6 +359,16 @@ Napi::Value IoUring::Reap(const Napi::CallbackInfo& info) {
   return Napi::Number::New(env, static_cast<double>(n));
 }
 
+// unconsumed() -> how many prepared SQEs the kernel has not taken yet: the newest ones, which it
+// never will unless submit() is called again. No system call. After a failed submit() this says
+// which requests can be failed at once and which the kernel may still be working on.
+Napi::Value IoUring::Unconsumed(const Napi::CallbackInfo& info) {
+  IoUring* self = FromThis(info);
+  if (self == nullptr) return {};
+  unsigned taken = __atomic_load_n(self->sq_head_, __ATOMIC_ACQUIRE);
+  return Napi::Number::New(info.Env(), self->local_tail_ - taken);
+}
+
 // close(): unmap the rings and close the fd; idempotent. In-flight requests are the caller's to
 // wait for first (the kernel finishes or cancels them, but their completions are lost).
 Napi::Value IoUring::Close(const Napi::CallbackInfo& info) {
@@ -383,6 +394,7 @@ Napi::Function DefineIoUring(Napi::Env env) {
       Napi::PropertyDescriptor::Function(env, prototype, "prepFallocate", IoUring::PrepFallocate, napi_default_method),
       Napi::PropertyDescriptor::Function(env, prototype, "submit", IoUring::Submit, napi_default_method),
       Napi::PropertyDescriptor::Function(env, prototype, "reap", IoUring::Reap, napi_default_method),
+      Napi::PropertyDescriptor::Function(env, prototype, "unconsumed", IoUring::Unconsumed, napi_default_method),
       Napi::PropertyDescriptor::Function(env, prototype, "close", IoUring::Close, napi_default_method),
   });
   return constructor;

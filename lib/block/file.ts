@@ -296,8 +296,9 @@ export class FileBackend implements BlockBackend {
       fs.fdatasyncSync(fd);
       return;
     }
-    if (this.#ring !== null) {
-      await this.#ring.fsync(fd, true);
+    const ring = this.#liveRing();
+    if (ring !== null) {
+      await ring.fsync(fd, true);
       return;
     }
     await new Promise<void>((resolve, reject) => fs.fdatasync(fd, (err) => (err ? reject(err) : resolve())));
@@ -308,7 +309,8 @@ export class FileBackend implements BlockBackend {
     if (this.readOnly || length === 0) return;
     const { FALLOC_FL_PUNCH_HOLE, FALLOC_FL_KEEP_SIZE } = uringConstants;
     try {
-      if (this.#ring !== null) await this.#ring.fallocate(this.fd, FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE, offset, length);
+      const ring = this.#liveRing();
+      if (ring !== null) await ring.fallocate(this.fd, FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE, offset, length);
       else binding.punchHole(this.fd, offset, length);
     } catch (err) {
       // A hint: a file system without hole punching keeps the data, which is allowed.
@@ -320,7 +322,8 @@ export class FileBackend implements BlockBackend {
     if (this.readOnly) throw readOnlyError(this.path);
     checkRange(this.size, offset, length);
     if (length === 0) return;
-    if (this.#ring !== null && (await this.#zeroRange(offset, length))) {
+    const ring = this.#liveRing();
+    if (ring !== null && (await this.#zeroRange(ring, offset, length))) {
       if (fua) await this.flush();
       return;
     }
@@ -355,7 +358,7 @@ export class FileBackend implements BlockBackend {
   /** Reads `length` bytes into `bufs`; past the end of the file reads as zeroes. */
   async #read(offset: number, bufs: Buffer | readonly Buffer[], length: number): Promise<void> {
     if (this.engine === 'sync') return this.#readInline(offset, bufs);
-    const ring = this.#ring;
+    const ring = this.#liveRing();
     try {
       if (ring === null) return await readAll(this.fd, offset, asList(bufs));
       const n = await ring.read(this.fd, offset, bufs);
@@ -375,7 +378,7 @@ export class FileBackend implements BlockBackend {
       return;
     }
     if (this.readOnly) throw readOnlyError(this.path);
-    const ring = this.#ring;
+    const ring = this.#liveRing();
     let fd = this.fd;
     try {
       if (ring === null) {
@@ -415,16 +418,25 @@ export class FileBackend implements BlockBackend {
   }
 
   /** fallocate ZERO_RANGE on the ring; false where the file system cannot (then write zeroes). */
-  async #zeroRange(offset: number, length: number): Promise<boolean> {
+  async #zeroRange(ring: IoUring, offset: number, length: number): Promise<boolean> {
     const { FALLOC_FL_ZERO_RANGE, FALLOC_FL_KEEP_SIZE } = uringConstants;
     try {
-      await this.#ring!.fallocate(this.fd, FALLOC_FL_ZERO_RANGE | FALLOC_FL_KEEP_SIZE, offset, length);
+      await ring.fallocate(this.fd, FALLOC_FL_ZERO_RANGE | FALLOC_FL_KEEP_SIZE, offset, length);
       return true;
     } catch (err) {
       const code = (err as NodeJS.ErrnoException).code;
       if (code === 'EOPNOTSUPP' || code === 'EINVAL' || code === 'ENODEV') return false;
       throw err;
     }
+  }
+
+  /**
+   * The ring, or null if there is none or it failed: then requests go to the thread pool (a
+   * failed ring still finishes what the kernel took; see IoUring).
+   */
+  #liveRing(): IoUring | null {
+    const ring = this.#ring;
+    return ring !== null && ring.failure === null ? ring : null;
   }
 
   /** An O_DIRECT request refused for its buffers' alignment (redo it buffered). */

@@ -99,6 +99,8 @@ export interface NativeIoUring {
   prepFallocate(slot: number, fd: number, mode: number, offset: number, length: number): void;
   submit(): number;
   reap(out: Int32Array): number;
+  /** Prepared SQEs the kernel has not taken (the newest ones); no system call. */
+  unconsumed(): number;
   close(): void;
 }
 

@@ -38,6 +38,9 @@ class Slot {
 
 function noop(): void {}
 
+/** How often a failed ring's CQ is read for the requests the kernel still had. */
+const ORPHAN_REAP_MS = 1;
+
 export class IoUring {
   readonly #ring: NativeIoUring;
   readonly #slots: Slot[];
@@ -49,7 +52,13 @@ export class IoUring {
   /** Requests waiting for a free slot (only when more than `entries` are in flight). */
   readonly #waiting: Array<(err?: Error) => void> = [];
   #inFlight = 0;
+  /** Slots prepared and not yet taken by the kernel, oldest first: a FIFO of `#unsubmitted` from `#queueHead`. */
+  readonly #queue: Int32Array;
+  #queueHead = 0;
   #unsubmitted = 0;
+  /** After a ring failure: reads the requests the kernel still had off the CQ ring until none are left. */
+  #orphanReaper: NodeJS.Timeout | null = null;
+  #failure: Error | null = null;
   #submitScheduled = false;
   #poller: Poller | null = null;
   #polling = false;
@@ -65,6 +74,7 @@ export class IoUring {
     this.#free = Int32Array.from({ length: n }, (_, i) => n - 1 - i);
     this.#freeCount = n;
     this.#completions = new Int32Array(4 * n);
+    this.#queue = new Int32Array(n);
   }
 
   /**
@@ -96,6 +106,14 @@ export class IoUring {
   /** Slots: at most this many requests are with the kernel at once (more wait their turn). */
   get entries(): number {
     return this.#ring.entries;
+  }
+
+  /**
+   * The error the ring failed with (it then takes no requests; see the failure handling in the
+   * source), or null while it works. Users fall back to another engine.
+   */
+  get failure(): Error | null {
+    return this.#failure;
   }
 
   /** Requests submitted or queued and not yet completed. */
@@ -156,7 +174,7 @@ export class IoUring {
    */
   close(): Promise<void> {
     this.#closing ??= (async () => {
-      if (this.inFlight > 0) await new Promise<void>((resolve) => (this.#drained = resolve));
+      if (this.inFlight > 0 || this.#orphanReaper !== null) await new Promise<void>((resolve) => (this.#drained = resolve));
       this.#closed = true;
       this.#poller?.close();
       this.#poller = null;
@@ -192,6 +210,7 @@ export class IoUring {
     s.hold = hold;
     s.syscall = syscall;
     this.#inFlight++;
+    this.#queue[(this.#queueHead + this.#unsubmitted) % this.#queue.length] = slot;
     this.#unsubmitted++;
     if (!this.#submitScheduled) {
       this.#submitScheduled = true;
@@ -210,6 +229,7 @@ export class IoUring {
       this.#fail(err as Error);
       return;
     }
+    this.#queueHead = (this.#queueHead + this.#unsubmitted - left) % this.#queue.length;
     this.#unsubmitted = left;
     this.#reap();
     // A kernel short of resources took only part of the batch: try the rest on the next turn.
@@ -246,7 +266,7 @@ export class IoUring {
 
   #startWaiting(): void {
     while (this.#freeCount > 0 && this.#waiting.length > 0) this.#waiting.shift()!();
-    if (this.inFlight === 0 && this.#drained !== null) {
+    if (this.inFlight === 0 && this.#orphanReaper === null && this.#drained !== null) {
       const drained = this.#drained;
       this.#drained = null;
       drained();
@@ -274,26 +294,49 @@ export class IoUring {
 
   /**
    * The ring itself failed (io_uring_enter or its poll watcher, which only a closed ring fd
-   * explains): every request still pending is rejected and the ring takes no more.
+   * explains): it takes no more requests. Those the kernel never took, and those waiting for a
+   * slot, are rejected now. Those it took may still be reading or writing their buffers (io-wq
+   * works on, whatever became of the fd), so they stay pending, their buffers held, until their
+   * completions turn up in the CQ ring, which stays mapped and is read here without the fd:
+   * rejecting them early would let the caller reuse or unmap memory the kernel still writes, or
+   * report a write failed that still lands on disk.
    */
   #fail(err: Error): void {
     this.#closed = true;
-    for (const s of this.#slots) {
-      if (s.resolve === noop) continue;
-      const reject = s.reject;
-      s.hold = null;
-      s.resolve = noop;
-      s.reject = noop;
-      reject(err);
-    }
-    this.#inFlight = 0;
-    this.#unsubmitted = 0;
-    for (const waiter of this.#waiting.splice(0)) waiter(err);
+    this.#failure = err;
     this.#poller?.close();
     this.#poller = null;
     this.#polling = false;
-    this.#drained?.();
-    this.#drained = null;
+    let never = this.#unsubmitted;
+    try {
+      never = Math.min(never, this.#ring.unconsumed());
+    } catch {
+      // The native ring is gone: nothing of ours can still be with the kernel's view of it.
+    }
+    for (let i = this.#unsubmitted - never; i < this.#unsubmitted; i++) {
+      this.#rejectSlot(this.#queue[(this.#queueHead + i) % this.#queue.length]!, err);
+    }
+    this.#unsubmitted = 0;
+    for (const waiter of this.#waiting.splice(0)) waiter(err);
+    if (this.#inFlight === 0) return this.#startWaiting();
+    this.#orphanReaper = setInterval(() => {
+      this.#reap();
+      if (this.#inFlight > 0) return;
+      clearInterval(this.#orphanReaper!);
+      this.#orphanReaper = null;
+      this.#startWaiting();
+    }, ORPHAN_REAP_MS);
+  }
+
+  #rejectSlot(slot: number, err: Error): void {
+    const s = this.#slots[slot]!;
+    const reject = s.reject;
+    s.hold = null;
+    s.resolve = noop;
+    s.reject = noop;
+    this.#give(slot);
+    this.#inFlight--;
+    reject(err);
   }
 }
 

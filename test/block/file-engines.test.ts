@@ -7,7 +7,7 @@ import { afterEach, beforeEach, describe, expect, it } from 'vitest';
 import { FileBackend, MEMORY_FILE_INLINE_MAX, type FileEngine } from '../../lib/block';
 import { binding, createMemfd, IoUring } from '../../lib/native';
 import { pattern } from '../devices/nvme/rig';
-import { useFdLeakCheck } from '../helpers/fds';
+import { openFds, useFdLeakCheck } from '../helpers/fds';
 
 useFdLeakCheck();
 let dir: string;
@@ -184,5 +184,30 @@ describe.skipIf(!uring)('FileBackend direct', () => {
       memfd.close();
       await file.close();
     }
+  });
+});
+
+describe.skipIf(!uring)('FileBackend after its ring fails', () => {
+  it('fails the request that met the failure, then carries on through the thread pool', async () => {
+    const p = path.join(dir, 'disk.img');
+    const file = FileBackend.open(p, { size: 1 << 20, engine: 'io_uring' });
+    await file.write(0, pattern(4096, 7), false);
+    // Break the ring: its fd number now names /dev/null, so the next io_uring_enter fails.
+    const ringFd = [...openFds()].find(([, target]) => target === 'anon_inode:[io_uring]')![0];
+    fs.closeSync(ringFd);
+    expect(fs.openSync('/dev/null', 'r')).toBe(ringFd); // closed by file.close(), as the ring's fd
+    await expect(file.read(0, Buffer.alloc(4096))).rejects.toMatchObject({ syscall: 'io_uring_enter' });
+    const back = Buffer.alloc(4096);
+    await file.read(0, back);
+    expect(back).toEqual(pattern(4096, 7));
+    await file.write(4096, pattern(4096, 8), true);
+    await file.writeZeroes(0, 512, false);
+    await file.discard(8192, 4096);
+    await file.read(0, back);
+    expect(back.subarray(0, 512).every((x) => x === 0)).toBe(true);
+    expect(back.subarray(512)).toEqual(pattern(4096, 7).subarray(512));
+    await file.read(4096, back);
+    expect(back).toEqual(pattern(4096, 8));
+    await file.close();
   });
 });

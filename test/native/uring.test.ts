@@ -1,12 +1,13 @@
 // IoUring (lib/native/uring.ts over native/uring.cc): batched submission, completions as
 // results, errors shaped like Node's, slots reused, more requests than slots, teardown.
+import { execFileSync } from 'node:child_process';
 import * as fs from 'node:fs';
 import * as os from 'node:os';
 import * as path from 'node:path';
 import { afterEach, beforeEach, describe, expect, it } from 'vitest';
 import { binding } from '../../lib/native/binding';
 import { IoUring, uringConstants } from '../../lib/native/uring';
-import { useFdLeakCheck } from '../helpers/fds';
+import { openFds, useFdLeakCheck } from '../helpers/fds';
 
 function ringOrSkip(): IoUring | null {
   try {
@@ -110,6 +111,39 @@ describe.skipIf(probe === null)('IoUring', () => {
     expect(timerRan).toBe(true);
     await ring.close();
     fs.closeSync(big);
+  });
+
+  it('a failed ring rejects what the kernel never took, and keeps what it took pending until it completes', async () => {
+    // A FIFO read stays with the kernel until someone writes: the request in flight at the failure.
+    const fifo = path.join(dir, 'fifo');
+    execFileSync('mkfifo', [fifo]);
+    const pipe = fs.openSync(fifo, fs.constants.O_RDWR);
+    const ring = IoUring.open(4);
+    const ringFd = [...openFds()].find(([, target]) => target === 'anon_inode:[io_uring]')![0];
+    const taken = Buffer.alloc(16);
+    let first: unknown = 'pending';
+    const firstDone = ring.read(pipe, 0, taken).then((n) => (first = n), (e: Error) => (first = e));
+    await new Promise((r) => setTimeout(r, 20));
+    expect(ring.inFlight).toBe(1);
+    // Break the ring: its fd number now names /dev/null, so the next io_uring_enter fails.
+    fs.closeSync(ringFd);
+    const stand = fs.openSync('/dev/null', 'r');
+    expect(stand).toBe(ringFd); // closed by ring.close() below, as the ring's fd
+    await expect(ring.read(pipe, 0, Buffer.alloc(4))).rejects.toMatchObject({ code: 'EOPNOTSUPP', syscall: 'io_uring_enter' });
+    expect(() => ring.read(pipe, 0, Buffer.alloc(4))).toThrow(/closed/);
+    await new Promise((r) => setTimeout(r, 20));
+    // The kernel still holds the first read's buffer: it must not be reported done before it is.
+    expect(first).toBe('pending');
+    let closed = false;
+    const closing = ring.close().then(() => (closed = true));
+    await new Promise((r) => setTimeout(r, 10));
+    expect(closed).toBe(false);
+    fs.writeSync(pipe, Buffer.from('after the failure'));
+    await firstDone;
+    expect(first).toBe(16);
+    expect(taken.toString('latin1')).toBe('after the failur');
+    await closing;
+    fs.closeSync(pipe);
   });
 
   it('the native object checks `this` and refuses use after close', () => {
