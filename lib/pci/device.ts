@@ -210,6 +210,7 @@ export class PciDevice implements VfioUserDevice {
     this.msix?.reset();
     if (this.ctx) this.ctx.dma.enabled = this.config.busMaster;
     await this.onReset(reason);
+    if (reason === 'lost-connection') this.onClientGone();
     if ((this.stops & StopReason.DETACHED) !== 0) this.resume(StopReason.DETACHED);
   }
 
@@ -253,6 +254,7 @@ export class PciDevice implements VfioUserDevice {
   async suspend(): Promise<void> {
     this.detached = true;
     await this.pause(StopReason.DETACHED);
+    this.onClientGone();
   }
 
   /** A BAR access while detached: the new client uses the device, so it carries on. */
@@ -361,6 +363,13 @@ export class PciDevice implements VfioUserDevice {
       this.intxLevel = intx;
     };
   }
+
+  /**
+   * The client went away (reset for it, or suspended for the next one with keepState): fds it was
+   * given and may have kept copies of (ioeventfds) must be replaced so that those reach nothing.
+   * Runs once the model is reset or stopped. Default: nothing to do.
+   */
+  protected onClientGone(): void {}
 
   /** Device-specific reset work; runs after config space is back to power-on values. */
   protected onReset(_reason: ResetReason): void | Promise<void> {}

@@ -638,9 +638,12 @@ export abstract class VirtioPciDevice<E extends VirtqElement = VirtqElement> ext
 
   /** DEVICE_RESET, FLR, lost connection: config space to power-on values, then a virtio reset. */
   protected override async onReset(reason: ResetReason): Promise<void> {
-    // A departed client may have kept copies of the eventfds: the next one gets new ones.
-    if (reason === 'lost-connection' && this.notifyMode === 'ioeventfd' && this.closed === null) this.armNotifyFds();
     await this.virtioReset(`device reset: ${reason}`);
+  }
+
+  /** A departed client may have kept copies of the eventfds: the next one gets new ones. */
+  protected override onClientGone(): void {
+    if (this.notifyMode === 'ioeventfd' && this.closed === null) this.armNotifyFds();
   }
 
   /** Stops processing, waits for in-flight requests, releases resources. Idempotent. */

@@ -57,8 +57,13 @@ describe('ioeventfd notifications', () => {
     expect(after.every((e) => !e.fd.closed)).toBe(true);
     await device.reset('client');
     expect(device.regions[PciRegion.BAR4]!.ioeventfds).toBe(after);
-    await r.close();
+    // keepState: the client goes and the device is kept for the next one; its copies go too.
+    await device.suspend();
+    const kept = device.regions[PciRegion.BAR4]!.ioeventfds!;
     expect(after.every((e) => e.fd.closed)).toBe(true);
+    expect(kept.every((e) => !e.fd.closed)).toBe(true);
+    await r.close();
+    expect(kept.every((e) => e.fd.closed)).toBe(true);
   });
 
   it('end to end: our client signals the eventfd instead of sending REGION_WRITE', async () => {

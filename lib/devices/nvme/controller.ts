@@ -473,9 +473,12 @@ export class NvmeController extends PciDevice implements AdminContext, IoContext
     this.interrupts.intxAsserted = false;
     this.regs.powerOn();
     await this.controllerReset(`device reset: ${reason}`);
-    // A departed client's copies of the doorbell eventfd and memory must reach nothing.
-    if (reason === 'lost-connection' && this.doorbellMode === 'ioeventfd') this.setIoEventfds(0, this.doorbellPage.renew());
     this.regs.csts = 0;
+  }
+
+  /** A departed client's copies of the doorbell eventfd and memory must reach nothing. */
+  protected override onClientGone(): void {
+    if (this.doorbellMode === 'ioeventfd') this.setIoEventfds(0, this.doorbellPage.renew());
   }
 
   // ---- stopping and running (migration, kept state) ----

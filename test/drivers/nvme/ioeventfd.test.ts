@@ -112,9 +112,9 @@ describe('NVMe ioeventfd doorbells', () => {
     }
   });
 
-  it('gives each client a fresh eventfd and memory: a departed client rings nothing', async () => {
+  it.each([false, true])('gives each client a fresh eventfd and memory: a departed client rings nothing (keepState %s)', async (keepState) => {
     const device = new NvmeController({ doorbells: 'ioeventfd', queues: 1, backend: new RamBackend(1 << 20) });
-    const target = await startServer(device);
+    const target = await startServer(device, { keepState });
     const page = device['doorbellPage'];
     // The first client keeps copies of the eventfd (as a hostile client would) and leaves.
     const raw = await rawClient(target.socketPath);
