@@ -116,11 +116,12 @@ export async function runClient(socketPath, { seconds, cpu, count, region, offse
  * pinned to cpu. Resolves once the socket accepts connections to { child, stop() }; stop()
  * terminates the server if it still runs, waits for it to exit and removes the socket.
  * The server serves exactly one client and exits when that client disconnects.
+ * epoll: true waits in epoll_wait and reads without blocking (an event loop's system calls).
  */
-export async function startEcho(socketPath, { cpu } = {}) {
+export async function startEcho(socketPath, { cpu, epoll = false } = {}) {
   const { echo } = await buildCTools();
   try { unlinkSync(socketPath); } catch (e) { if (e.code !== 'ENOENT') throw e; }
-  const [cmd, argv] = pinned(cpu, echo, [socketPath]);
+  const [cmd, argv] = pinned(cpu, echo, epoll ? [socketPath, '--epoll'] : [socketPath]);
   const child = spawn(cmd, argv, { stdio: ['ignore', 'pipe', 'pipe'] });
   let stderr = '';
   child.stderr.setEncoding('utf8').on('data', (d) => { stderr += d; });

@@ -5,7 +5,9 @@
 // with taskset, in two placements: both on CPU 0, and server CPU 0 / client CPU 1. Prints JSON with
 // rates, us per round trip, p50/p99 and the ratio ours/echo per placement (target >= 0.9).
 // A third server, the Node floor (server-peer.cjs --floor: the same answers from a bare addon
-// loop), shows how much of the gap is Node's event loop and N-API rather than our framework.
+// loop), shows how much of the gap is Node's event loop and N-API rather than our framework; a
+// fourth, the C echo in epoll mode (epoll_wait, then recv and send: the system calls an event
+// loop makes per message, ours included), shows how much of it the extra system call costs.
 //
 //   npm run build:ts && node bench/server.mjs [--seconds 3] [--rounds 1] [--json-out FILE]
 //                                              [--cpu-prof DIR]
@@ -91,9 +93,9 @@ async function withSocket(fn) {
   }
 }
 
-async function measureEcho(serverCpu, clientCpu) {
+async function measureEcho(serverCpu, clientCpu, epoll = false) {
   return withSocket(async (sock) => {
-    const srv = await startEcho(sock, { cpu: serverCpu });
+    const srv = await startEcho(sock, { cpu: serverCpu, epoll });
     try {
       return summary(await runClient(sock, { seconds, cpu: clientCpu }));
     } finally {
@@ -133,8 +135,10 @@ async function main() {
     const ours = [];
     const nodeFloor = [];
     const busy = [];
+    const echoEpoll = [];
     for (let i = 0; i < rounds; i++) {
       echo.push(await measureEcho(serverCpu, clientCpu));
+      echoEpoll.push(await measureEcho(serverCpu, clientCpu, true));
       ours.push(await measureOurs(serverCpu, clientCpu));
       if (busyPollUs > 0) busy.push(await measureOurs(serverCpu, clientCpu, false, busyPollUs));
       nodeFloor.push(await measureOurs(serverCpu, clientCpu, true));
@@ -142,6 +146,7 @@ async function main() {
     const e = median(echo, 'roundTripsPerSec');
     const o = median(ours, 'roundTripsPerSec');
     const f = median(nodeFloor, 'roundTripsPerSec');
+    const ee = median(echoEpoll, 'roundTripsPerSec');
     const b = busy.length > 0 ? median(busy, 'roundTripsPerSec') : null;
     results[name] = {
       serverCpu,
@@ -149,6 +154,7 @@ async function main() {
       ours: o,
       ...(b ? { oursBusyPoll: { busyPollUs, ...b, ratio: +(b.roundTripsPerSec / e.roundTripsPerSec).toFixed(3) } } : {}),
       echo: e,
+      echoEpoll: { ...ee, ratio: +(ee.roundTripsPerSec / e.roundTripsPerSec).toFixed(3) },
       nodeFloor: f,
       ratio: +(o.roundTripsPerSec / e.roundTripsPerSec).toFixed(3),
       meetsTarget: o.roundTripsPerSec / e.roundTripsPerSec >= TARGET,
@@ -156,13 +162,14 @@ async function main() {
       ratioToNodeFloor: +(o.roundTripsPerSec / f.roundTripsPerSec).toFixed(3),
       nodeFloorRatio: +(f.roundTripsPerSec / e.roundTripsPerSec).toFixed(3),
       ...(rounds > 1
-        ? { rounds: { ours: ours.map((r) => r.roundTripsPerSec), oursBusyPoll: busy.map((r) => r.roundTripsPerSec), echo: echo.map((r) => r.roundTripsPerSec), nodeFloor: nodeFloor.map((r) => r.roundTripsPerSec) } }
+        ? { rounds: { ours: ours.map((r) => r.roundTripsPerSec), oursBusyPoll: busy.map((r) => r.roundTripsPerSec), echo: echo.map((r) => r.roundTripsPerSec), echoEpoll: echoEpoll.map((r) => r.roundTripsPerSec), nodeFloor: nodeFloor.map((r) => r.roundTripsPerSec) } }
         : {}),
     };
     process.stderr.write(
       `${name}: ours ${o.roundTripsPerSec}/s (${o.usPerRoundTrip} us), ` +
         (b ? `busy-poll ${busyPollUs} us ${b.roundTripsPerSec}/s (${b.usPerRoundTrip} us), ` : '') +
         `echo ${e.roundTripsPerSec}/s (${e.usPerRoundTrip} us), ` +
+        `echo epoll ${ee.roundTripsPerSec}/s (${ee.usPerRoundTrip} us), ` +
         `node floor ${f.roundTripsPerSec}/s (${f.usPerRoundTrip} us), ratio ${results[name].ratio}\n`,
     );
   }

@@ -11,6 +11,7 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/epoll.h>
 #include <sys/socket.h>
 #include <sys/types.h>
 
@@ -59,6 +60,7 @@ static inline void vu_put_hdr(uint8_t *p, uint16_t id, uint16_t cmd, uint32_t si
  */
 struct vu_reader {
     int fd;
+    int epfd; /* >= 0: wait in epoll_wait, then recv without blocking (an event loop's calls) */
     uint8_t *buf;
     size_t cap, start, end;
 };
@@ -66,6 +68,7 @@ struct vu_reader {
 static inline int vu_reader_init(struct vu_reader *r, int fd, size_t cap)
 {
     r->fd = fd;
+    r->epfd = -1;
     r->buf = malloc(cap);
     r->cap = cap;
     r->start = r->end = 0;
@@ -99,8 +102,17 @@ static inline ssize_t vu_read_msg(struct vu_reader *r, uint8_t **msg, const char
             r->start = 0;
             r->end = have;
         }
-        ssize_t n = recv(r->fd, r->buf + r->end, r->cap - r->end, 0);
+        if (r->epfd >= 0) {
+            struct epoll_event ev;
+            if (epoll_wait(r->epfd, &ev, 1, -1) < 0) {
+                if (errno == EINTR) continue;
+                *err = strerror(errno);
+                return -1;
+            }
+        }
+        ssize_t n = recv(r->fd, r->buf + r->end, r->cap - r->end, r->epfd >= 0 ? MSG_DONTWAIT : 0);
         if (n > 0) { r->end += (size_t)n; continue; }
+        if (n < 0 && errno == EAGAIN && r->epfd >= 0) continue;
         if (n == 0) {
             if (have == 0) return 0;
             *err = "peer closed the connection in the middle of a message";

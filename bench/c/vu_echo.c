@@ -2,7 +2,7 @@
  * vu_echo: the "C floor" vfio-user server - protocol-correct framing with no device
  * logic at all, i.e. as fast as a vfio-user server can possibly be.
  *
- *   vu_echo SOCKET          (or --socket-path=PATH)   [--verbose]
+ *   vu_echo SOCKET          (or --socket-path=PATH)   [--epoll] [--verbose]
  *
  * Unlinks a stale SOCKET, listens, prints "listening SOCKET" on stdout once connect()
  * will succeed, accepts ONE client and serves it until it disconnects (exit 0).
@@ -16,6 +16,8 @@
  *   REGION_WRITE                  -> echo (data discarded)
  *   anything else                 -> EINVAL error reply (nothing if No_reply is set)
  * Requests are read with a buffered recv loop; each reply goes out with one send().
+ * --epoll: wait for each read in epoll_wait, then recv without blocking - the system calls an
+ * event-loop server (libuv's, ours) makes per message - instead of blocking in recv.
  * Exits 0 on SIGTERM/SIGINT (removing SOCKET) and 1 on a protocol or I/O error.
  */
 #define _GNU_SOURCE
@@ -32,6 +34,7 @@
 static const char VERSION_JSON[] = "{\"capabilities\":{\"max_msg_fds\":8,\"max_data_xfer_size\":1048576}}";
 static const char *sock_path;
 static int verbose;
+static int use_epoll;
 
 /* Reply buffer for REGION_READ: the 32-byte front is rewritten per reply, the data
  * area holds a fixed pattern written once. */
@@ -68,14 +71,15 @@ int main(int argc, char **argv)
     for (int i = 1; i < argc; i++) {
         if (!strncmp(argv[i], "--socket-path=", 14)) sock_path = argv[i] + 14;
         else if (!strcmp(argv[i], "--verbose")) verbose = 1;
+        else if (!strcmp(argv[i], "--epoll")) use_epoll = 1;
         else if (argv[i][0] != '-' && !sock_path) sock_path = argv[i];
         else {
-            fprintf(stderr, "usage: vu_echo SOCKET [--verbose]\n");
+            fprintf(stderr, "usage: vu_echo SOCKET [--epoll] [--verbose]\n");
             return 2;
         }
     }
     if (!sock_path) {
-        fprintf(stderr, "usage: vu_echo SOCKET [--verbose]\n");
+        fprintf(stderr, "usage: vu_echo SOCKET [--epoll] [--verbose]\n");
         return 2;
     }
 
@@ -114,6 +118,11 @@ int main(int argc, char **argv)
 
     struct vu_reader rd;
     if (vu_reader_init(&rd, fd, VU_MAX_MSG + 64 * 1024) < 0) fail("out of memory", NULL);
+    if (use_epoll) {
+        struct epoll_event ev = { .events = EPOLLIN };
+        rd.epfd = epoll_create1(EPOLL_CLOEXEC);
+        if (rd.epfd < 0 || epoll_ctl(rd.epfd, EPOLL_CTL_ADD, fd, &ev) < 0) fail("epoll", strerror(errno));
+    }
 
     int versioned = 0;
     uint64_t handled = 0;
