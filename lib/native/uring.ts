@@ -252,7 +252,8 @@ export class IoUring {
     this.#startWaiting();
   }
 
-  #settle(slot: number, result: number): void {
+  /** Ends a request: with its completion's `result`, or rejected with `failure` (never run). */
+  #settle(slot: number, result: number, failure: Error | null = null): void {
     const s = this.#slots[slot]!;
     const { resolve, reject, syscall } = s;
     s.hold = null;
@@ -260,7 +261,8 @@ export class IoUring {
     s.reject = noop;
     this.#give(slot);
     this.#inFlight--;
-    if (result >= 0) resolve(result);
+    if (failure !== null) reject(failure);
+    else if (result >= 0) resolve(result);
     else reject(systemError(-result, syscall));
   }
 
@@ -307,14 +309,10 @@ export class IoUring {
     this.#poller?.close();
     this.#poller = null;
     this.#polling = false;
-    let never = this.#unsubmitted;
-    try {
-      never = Math.min(never, this.#ring.unconsumed());
-    } catch {
-      // The native ring is gone: nothing of ours can still be with the kernel's view of it.
-    }
+    // (The native ring is still open: close() releases it only once nothing is in flight.)
+    const never = Math.min(this.#unsubmitted, this.#ring.unconsumed());
     for (let i = this.#unsubmitted - never; i < this.#unsubmitted; i++) {
-      this.#rejectSlot(this.#queue[(this.#queueHead + i) % this.#queue.length]!, err);
+      this.#settle(this.#queue[(this.#queueHead + i) % this.#queue.length]!, 0, err);
     }
     this.#unsubmitted = 0;
     for (const waiter of this.#waiting.splice(0)) waiter(err);
@@ -326,17 +324,6 @@ export class IoUring {
       this.#orphanReaper = null;
       this.#startWaiting();
     }, ORPHAN_REAP_MS);
-  }
-
-  #rejectSlot(slot: number, err: Error): void {
-    const s = this.#slots[slot]!;
-    const reject = s.reject;
-    s.hold = null;
-    s.resolve = noop;
-    s.reject = noop;
-    this.#give(slot);
-    this.#inFlight--;
-    reject(err);
   }
 }
 
