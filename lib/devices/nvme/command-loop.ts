@@ -1,7 +1,8 @@
 /** The NVMe command loop: fetch round-robin across submission queues, run, post completions in order. */
 import type { AdaptivePoller } from '../../pci/poller';
 import { AdminOpcode, Status, statusCode } from '../../nvme/constants';
-import { adminCommand, type AdminContext, type ErrorLog, type Features } from './admin';
+import { adminCommand, type AdminContext } from './admin';
+import type { ErrorLog, Features } from './admin-state';
 import type { DoorbellUpdates } from './doorbell-updates';
 import type { CompletionInterrupts } from './interrupts';
 import { ioCommand, type IoContext } from './io';

@@ -6,7 +6,7 @@
  *
  * @packageDocumentation
  */
-import type { Features } from './admin';
+import type { Features } from './admin-state';
 import type { CompletionQueue } from './queues';
 import type { QueueTable } from './queue-table';
 

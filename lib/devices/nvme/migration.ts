@@ -8,7 +8,7 @@
 import type { DmaSpace } from '../../server/dma';
 import { Dsm } from '../../nvme/commands';
 import { AdminOpcode, IoOpcode, Status } from '../../nvme/constants';
-import type { AsyncEvents, ErrorLog, Features } from './admin';
+import type { AsyncEvents, ErrorLog, Features } from './admin-state';
 import type { CompletionInterrupts } from './interrupts';
 import { copyFromGuestSync } from './prp';
 import { CompletionQueue, ShadowDoorbells, SubmissionQueue, type QueuedRequest } from './queues';
