@@ -18,21 +18,16 @@ export { MappedRegion, type MappedArea, type RegionArea, type RegionInfo } from 
 export { RegionIoFds, type RegionIoFd } from './iofds';
 export { DirtyBitmap, MIG_STATE_NAMES, migStateName, type DirtyRange, type MigrationSupport } from './migration';
 export { migrate, Migrator, MigrationError, type MigrateOptions, type MigrationProgress, type MigrationResult, type MigratorEvents } from './migrate';
+export { PciFunction, type BarInfo, type EnableOptions, type MsixEntry } from './pci';
 export {
-  PciFunction,
-  DEFAULT_BAR_WINDOWS,
   MsixRegs,
   parseConfigHeader,
   parseMsixCapability,
   walkCapabilities,
   walkExtendedCapabilities,
-  type AddressWindow,
-  type BarInfo,
-  type BarWindows,
-  type EnableOptions,
-  type MsixEntry,
   type MsixInfo,
   type PciCapability,
   type PciExtendedCapability,
   type PciHeader,
-} from './pci';
+} from './pci-config';
+export { DEFAULT_BAR_WINDOWS, type AddressWindow, type BarWindows } from './bar-windows';

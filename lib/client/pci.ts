@@ -1,60 +1,22 @@
 /**
  * PCI helpers for a {@link VfioUserClient}: what a driver does with config space (reference §4.6).
  *
- * Pure decoders ({@link parseConfigHeader}, {@link walkCapabilities},
- * {@link walkExtendedCapabilities}, {@link parseMsixCapability}) read a config-space snapshot;
- * {@link PciFunction} adds the accesses: BAR sizing by probing (write all-ones, read back,
- * restore, with memory and I/O decoding off meanwhile, as Linux does), command-register updates
+ * {@link PciFunction} reads config space (decoded by pci-config.ts) and does the accesses: BAR
+ * sizing by probing (write all-ones, read back, restore, with memory and I/O decoding off
+ * meanwhile, as Linux does), BAR assignment (placed by bar-windows.ts), command-register updates
  * (memory space, bus mastering), and MSI-X: the enable and function-mask bits in the capability,
  * table entries programmed with `REGION_WRITE` to the BAR that holds the table, and PBA reads.
- *
- * Walks are bounded (at most 48 standard and 960 extended capabilities, pointers checked, loops
- * stopped), since config space comes from the server.
  *
  * @packageDocumentation
  */
 import { debuglog } from 'node:util';
-import { Bar, CAPABILITY_AREA_START, CapId, Cfg, Command as PciCommand, EXPRESS_CONFIG_SPACE_SIZE, EXTENDED_CAPABILITY_START, Rom, Status, barOffset } from '../pci/ids';
+import { Bar, CapId, Cfg, Command as PciCommand, Rom, barOffset } from '../pci/ids';
 import { PciRegion } from '../protocol/constants';
+import { allocate, checkWindows, type BarWindows, type Placeable } from './bar-windows';
 import type { VfioUserClient, WriteOptions } from './client';
+import { MsixRegs, parseConfigHeader, parseMsixCapability, walkCapabilities, walkExtendedCapabilities, type MsixInfo, type PciCapability, type PciExtendedCapability, type PciHeader } from './pci-config';
 
 const debug = debuglog('vfio-user:client');
-
-/** The type-0 header fields a driver looks at. */
-export interface PciHeader {
-  readonly vendorId: number;
-  readonly deviceId: number;
-  readonly command: number;
-  readonly status: number;
-  readonly revisionId: number;
-  /** 24-bit class code: base class << 16 | sub-class << 8 | programming interface. */
-  readonly classCode: number;
-  readonly headerType: number;
-  readonly subsystemVendorId: number;
-  readonly subsystemId: number;
-  readonly interruptLine: number;
-  /** 0 = no INTx, 1..4 = INTA#..INTD#. */
-  readonly interruptPin: number;
-  /** STATUS.CAP_LIST: a capability list starts at {@link PciHeader.capabilitiesPointer}. */
-  readonly hasCapabilities: boolean;
-  readonly capabilitiesPointer: number;
-}
-
-/** A capability of the standard list. */
-export interface PciCapability {
-  /** Capability ID ({@link CapId}). */
-  readonly id: number;
-  /** Offset of its header in config space. */
-  readonly offset: number;
-}
-
-/** A PCI Express extended capability (from 0x100). */
-export interface PciExtendedCapability {
-  /** Extended capability ID ({@link ExtCapId}). */
-  readonly id: number;
-  readonly version: number;
-  readonly offset: number;
-}
 
 /** A BAR as found by probing (or as left by {@link PciFunction.assignBars}). */
 export interface BarInfo {
@@ -72,26 +34,6 @@ export interface BarInfo {
   readonly regionSize: number;
 }
 
-/** The MSI-X capability, decoded (PCI 3.0 §6.8.2). */
-export interface MsixInfo {
-  /** Offset of the capability in config space. */
-  readonly capOffset: number;
-  /** Number of vectors (table size). */
-  readonly tableSize: number;
-  /** BAR (region index) holding the table. */
-  readonly tableBar: number;
-  /** Offset of the table in that BAR. */
-  readonly tableOffset: number;
-  /** BAR holding the pending-bit array. */
-  readonly pbaBar: number;
-  /** Offset of the PBA in that BAR. */
-  readonly pbaOffset: number;
-  /** Message Control: MSI-X enable. */
-  readonly enabled: boolean;
-  /** Message Control: function mask. */
-  readonly functionMasked: boolean;
-}
-
 /** One MSI-X table entry. */
 export interface MsixEntry {
   /** Message address (64 bits). */
@@ -101,139 +43,6 @@ export interface MsixEntry {
   /** Vector control bit 0: masked. */
   masked: boolean;
 }
-
-/** Register offsets inside the MSI-X capability (`PCI_MSIX_*`). */
-export const MsixRegs = {
-  /** u16 Message Control. */
-  FLAGS: 0x2,
-  /** u32 table offset | BIR. */
-  TABLE: 0x4,
-  /** u32 PBA offset | BIR. */
-  PBA: 0x8,
-  /** Bits of Message Control. */
-  QSIZE: 0x07ff,
-  MASKALL: 0x4000,
-  ENABLE: 0x8000,
-  BIR_MASK: 0x7,
-  /** Size of one table entry; fields at 0 (address low), 4 (high), 8 (data), 12 (vector control). */
-  ENTRY_SIZE: 16,
-  VECTOR_CTRL: 12,
-  ENTRY_MASKED: 0x1,
-} as const;
-
-const MAX_CAPS = 48;
-const MAX_EXT_CAPS = (EXPRESS_CONFIG_SPACE_SIZE - EXTENDED_CAPABILITY_START) / 4;
-
-function u16(b: Uint8Array, at: number): number {
-  return (b[at] ?? 0) | ((b[at + 1] ?? 0) << 8);
-}
-
-function u32(b: Uint8Array, at: number): number {
-  return ((b[at] ?? 0) | ((b[at + 1] ?? 0) << 8) | ((b[at + 2] ?? 0) << 16) | ((b[at + 3] ?? 0) << 24)) >>> 0;
-}
-
-/** Decodes the type-0 header of a config-space snapshot (at least 64 bytes). */
-export function parseConfigHeader(config: Uint8Array): PciHeader {
-  if (config.length < CAPABILITY_AREA_START) throw new RangeError(`Expected at least 64 bytes of config space, got ${String(config.length)}`);
-  const status = u16(config, Cfg.STATUS);
-  return Object.freeze({
-    vendorId: u16(config, Cfg.VENDOR_ID),
-    deviceId: u16(config, Cfg.DEVICE_ID),
-    command: u16(config, Cfg.COMMAND),
-    status,
-    revisionId: config[Cfg.REVISION_ID]!,
-    classCode: (config[Cfg.CLASS_DEVICE + 1]! << 16) | (config[Cfg.CLASS_DEVICE]! << 8) | config[Cfg.CLASS_PROG]!,
-    headerType: config[Cfg.HEADER_TYPE]!,
-    subsystemVendorId: u16(config, Cfg.SUBSYSTEM_VENDOR_ID),
-    subsystemId: u16(config, Cfg.SUBSYSTEM_ID),
-    interruptLine: config[Cfg.INTERRUPT_LINE]!,
-    interruptPin: config[Cfg.INTERRUPT_PIN]!,
-    hasCapabilities: (status & Status.CAP_LIST) !== 0,
-    capabilitiesPointer: config[Cfg.CAPABILITY_LIST]! & ~0x3,
-  });
-}
-
-/**
- * The standard capability list, in list order. Empty unless STATUS.CAP_LIST is set. Stops at a
- * pointer outside `[0x40, 0xff]`, at a capability seen before (a loop) or after 48 entries.
- */
-export function walkCapabilities(config: Uint8Array): PciCapability[] {
-  const header = parseConfigHeader(config);
-  const out: PciCapability[] = [];
-  if (!header.hasCapabilities) return out;
-  const seen = new Set<number>();
-  let at = header.capabilitiesPointer;
-  while (at >= CAPABILITY_AREA_START && at + 2 <= Math.min(config.length, 256) && !seen.has(at) && out.length < MAX_CAPS) {
-    seen.add(at);
-    out.push(Object.freeze({ id: config[at]!, offset: at }));
-    at = config[at + 1]! & ~0x3;
-  }
-  return out;
-}
-
-/**
- * The extended capability list from 0x100, for a 4 KiB (PCI Express) config space; empty for a
- * 256-byte one or when the first header is 0 or all-ones. Loop- and bounds-safe.
- */
-export function walkExtendedCapabilities(config: Uint8Array): PciExtendedCapability[] {
-  const out: PciExtendedCapability[] = [];
-  if (config.length < EXPRESS_CONFIG_SPACE_SIZE) return out;
-  const seen = new Set<number>();
-  let at: number = EXTENDED_CAPABILITY_START;
-  while (at >= EXTENDED_CAPABILITY_START && at + 4 <= config.length && !seen.has(at) && out.length < MAX_EXT_CAPS) {
-    const h = u32(config, at);
-    if (h === 0 || h === 0xffffffff) break;
-    seen.add(at);
-    out.push(Object.freeze({ id: h & 0xffff, version: (h >>> 16) & 0xf, offset: at }));
-    at = (h >>> 20) & ~0x3;
-    if (at === 0) break;
-  }
-  return out;
-}
-
-/** Decodes the MSI-X capability at `capOffset` of a config snapshot. */
-export function parseMsixCapability(config: Uint8Array, capOffset: number): MsixInfo {
-  if (capOffset + 12 > config.length) throw new RangeError(`MSI-X capability at 0x${capOffset.toString(16)} does not fit config space`);
-  const flags = u16(config, capOffset + MsixRegs.FLAGS);
-  const table = u32(config, capOffset + MsixRegs.TABLE);
-  const pba = u32(config, capOffset + MsixRegs.PBA);
-  return Object.freeze({
-    capOffset,
-    tableSize: (flags & MsixRegs.QSIZE) + 1,
-    tableBar: table & MsixRegs.BIR_MASK,
-    tableOffset: (table & ~MsixRegs.BIR_MASK) >>> 0,
-    pbaBar: pba & MsixRegs.BIR_MASK,
-    pbaOffset: (pba & ~MsixRegs.BIR_MASK) >>> 0,
-    enabled: (flags & MsixRegs.ENABLE) !== 0,
-    functionMasked: (flags & MsixRegs.MASKALL) !== 0,
-  });
-}
-
-/** An address range `[start, end)` that BARs are assigned from. */
-export interface AddressWindow {
-  readonly start: bigint;
-  readonly end: bigint;
-}
-
-/**
- * Where {@link PciFunction.assignBars} places BARs, like a PCI host bridge's apertures. Each
- * defaults to what PC firmware uses.
- */
-export interface BarWindows {
-  /** 32-bit memory, below 4 GiB (default `[0xc000_0000, 0xfec0_0000)`, under the IOAPIC). */
-  mem32?: AddressWindow;
-  /** 64-bit memory (default `[0x80_0000_0000, 0x100_0000_0000)`, 512 GiB from 512 GiB). */
-  mem64?: AddressWindow;
-  /** I/O ports (default `[0xc000, 0x10000)`). */
-  io?: AddressWindow;
-}
-
-/** The default {@link BarWindows}. */
-export const DEFAULT_BAR_WINDOWS: Readonly<Required<BarWindows>> = Object.freeze({
-  mem32: Object.freeze({ start: 0xc000_0000n, end: 0xfec0_0000n }),
-  mem64: Object.freeze({ start: 0x80_0000_0000n, end: 0x100_0000_0000n }),
-  io: Object.freeze({ start: 0xc000n, end: 0x1_0000n }),
-});
 
 /** Options of {@link PciFunction.enable}. */
 export interface EnableOptions {
@@ -366,9 +175,9 @@ export class PciFunction {
       const original = await this.readConfig(Cfg.ROM_ADDRESS, 4);
       const romBack = await this.#probe(Cfg.ROM_ADDRESS, Rom.ADDRESS_MASK, original);
       const romMask = (romBack & Rom.ADDRESS_MASK) >>> 0;
-      const rom: Placeable | null =
+      const rom: Placeable<BarInfo> | null =
         romMask === 0 ? null : { name: 'the ROM BAR', space: 'memory', size: BigInt((romMask & -romMask) >>> 0), address: BigInt((original & Rom.ADDRESS_MASK) >>> 0), windows: [w.mem32] };
-      const wanted: Placeable[] = bars
+      const wanted: Placeable<BarInfo>[] = bars
         .filter((b) => b.size > 0n)
         .map((b) => ({
           name: `BAR${String(b.index)}`,
@@ -557,73 +366,4 @@ export class PciFunction {
       if (offset + 4 <= this.#config.length) this.#config.writeUInt32LE(original >>> 0, offset);
     }
   }
-}
-
-/** Something {@link allocate} places: a BAR or the ROM BAR. */
-interface Placeable {
-  readonly name: string;
-  readonly space: 'memory' | 'io';
-  readonly size: bigint;
-  /** Current address; 0 = to be assigned. */
-  readonly address: bigint;
-  /** Windows to try, in order. */
-  readonly windows: readonly AddressWindow[];
-  readonly bar?: BarInfo;
-}
-
-const U32_END = 1n << 32n;
-const U64_END = 1n << 64n;
-
-/** Fills in the default windows and checks each lies in its space. */
-function checkWindows(w: BarWindows): Required<BarWindows> {
-  const out = { ...DEFAULT_BAR_WINDOWS, ...w };
-  const check = (name: string, win: AddressWindow, limit: bigint) => {
-    if (typeof win.start !== 'bigint' || typeof win.end !== 'bigint' || win.start <= 0n || win.end <= win.start || win.end > limit) {
-      throw new RangeError(`Expected the ${name} window to be a non-empty range of bigints in (0, 0x${limit.toString(16)}], got [${String(win.start)}, ${String(win.end)})`);
-    }
-  };
-  check('mem32', out.mem32, U32_END);
-  check('mem64', out.mem64, U64_END);
-  check('io', out.io, U32_END);
-  return out;
-}
-
-const alignUp = (v: bigint, a: bigint): bigint => ((v + a - 1n) / a) * a;
-
-/**
- * Places every entry of `wanted` whose address is 0: largest first, naturally aligned, in the
- * first of its windows with room, around every range already taken in its space (the entries
- * that keep their address, and those placed before). Returns the new addresses.
- * @throws an Error with `code` 'ENOSPC' if one does not fit.
- */
-function allocate(wanted: readonly Placeable[]): Map<Placeable, bigint> {
-  const taken: Record<'memory' | 'io', { start: bigint; end: bigint }[]> = { memory: [], io: [] };
-  for (const p of wanted) if (p.address !== 0n) taken[p.space].push({ start: p.address, end: p.address + p.size });
-  const todo = wanted.filter((p) => p.address === 0n).sort((a, b) => (a.size === b.size ? 0 : a.size > b.size ? -1 : 1));
-  const placed = new Map<Placeable, bigint>();
-  for (const p of todo) {
-    let at: bigint | null = null;
-    for (const win of p.windows) {
-      at = fit(win, p.size, taken[p.space]);
-      if (at !== null) break;
-    }
-    if (at === null) {
-      const where = p.windows.map((win) => `[0x${win.start.toString(16)}, 0x${win.end.toString(16)})`).join(' or ');
-      throw Object.assign(new Error(`no room for ${p.name} (${p.space}, 0x${p.size.toString(16)} bytes) in ${where}`), { code: 'ENOSPC' });
-    }
-    taken[p.space].push({ start: at, end: at + p.size });
-    placed.set(p, at);
-  }
-  return placed;
-}
-
-/** Lowest `size`-aligned address in `win` where `size` bytes overlap nothing in `taken`. */
-function fit(win: AddressWindow, size: bigint, taken: readonly { start: bigint; end: bigint }[]): bigint | null {
-  let at = alignUp(win.start, size);
-  while (at + size <= win.end) {
-    const clash = taken.find((t) => t.start < at + size && at < t.end);
-    if (clash === undefined) return at;
-    at = alignUp(clash.end, size);
-  }
-  return null;
 }
